@@ -1,0 +1,129 @@
+//! The crate's single error type.
+
+use std::fmt;
+
+/// Everything that can go wrong in `mhc`: bad shapes, bad configuration, non-finite data.
+///
+/// Every fallible function in the crate returns `Result<_, mhc::Error>`; none of them panics on
+/// user input. Variants are structured (what was checked, what was expected, what was found) so
+/// that callers can match on them; the [`Display`](fmt::Display) text is written for a person.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// An array's shape is not the one required.
+    ShapeMismatch {
+        /// Which argument (e.g. `"upstream"`, `"x"`, `"phi"`).
+        what: &'static str,
+        /// The required shape, with the dimensions the call fixes.
+        expected: Vec<usize>,
+        /// The shape that was passed.
+        got: Vec<usize>,
+    },
+    /// A matrix that must be square is not.
+    NotSquare {
+        /// Which argument.
+        what: &'static str,
+        /// The shape that was passed.
+        got: Vec<usize>,
+    },
+    /// A matrix or dimension that must be non-empty is empty (e.g. `0×0` logits).
+    Empty {
+        /// Which argument.
+        what: &'static str,
+    },
+    /// A size is zero where it must be positive (e.g. `streams`, `dim`).
+    InvalidDimension {
+        /// Which field.
+        what: &'static str,
+        /// The value that was passed.
+        got: usize,
+    },
+    /// The Sinkhorn-Knopp iteration count is zero.
+    InvalidIterations {
+        /// The value that was passed.
+        got: usize,
+    },
+    /// An epsilon is negative, non-finite, or (where it must be positive) zero.
+    InvalidEpsilon {
+        /// Which field (`"eps"`, `"rms_eps"`, `"pre_eps"`).
+        what: &'static str,
+        /// What the field must satisfy, e.g. `"finite and >= 0"`.
+        expected: &'static str,
+        /// The value that was passed.
+        got: f64,
+    },
+    /// Input data holds a NaN or an infinity.
+    NonFinite {
+        /// Which argument (e.g. `"logits"`, `"x"`, `"sublayer output"`).
+        what: &'static str,
+        /// The batch entry or token that holds it (0 for a single matrix).
+        index: usize,
+    },
+    /// A requested size does not fit in memory addressing (`usize` overflow).
+    SizeOverflow {
+        /// What was being sized.
+        what: &'static str,
+    },
+    /// A buffer could not be allocated.
+    AllocationFailed {
+        /// What was being allocated.
+        what: &'static str,
+        /// How many bytes were asked for.
+        bytes: usize,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ShapeMismatch { what, expected, got } => {
+                write!(f, "`{what}` has shape {got:?}, expected {expected:?}")
+            }
+            Error::NotSquare { what, got } => {
+                write!(f, "`{what}` must be square (n x n), got shape {got:?}")
+            }
+            Error::Empty { what } => write!(f, "`{what}` must not be empty"),
+            Error::InvalidDimension { what, got } => {
+                write!(f, "`{what}` must be at least 1, got {got}")
+            }
+            Error::InvalidIterations { got } => {
+                write!(f, "Sinkhorn-Knopp `iters` must be at least 1, got {got}")
+            }
+            Error::InvalidEpsilon { what, expected, got } => {
+                write!(f, "`{what}` must be {expected}, got {got}")
+            }
+            Error::NonFinite { what, index } => {
+                write!(f, "`{what}` holds a non-finite value (NaN or infinity) at entry {index}")
+            }
+            Error::SizeOverflow { what } => {
+                write!(f, "the size of `{what}` overflows usize")
+            }
+            Error::AllocationFailed { what, bytes } => {
+                write!(f, "could not allocate {bytes} bytes for `{what}`")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `Result<T, mhc::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `a * b * ...` with overflow reported as [`Error::SizeOverflow`].
+pub(crate) fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or(Error::SizeOverflow { what })
+}
+
+/// A zeroed buffer of `len` elements, with allocation failure reported as an error, not an abort.
+pub(crate) fn try_zeroed<F: Copy + Default>(what: &'static str, len: usize) -> Result<Vec<F>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::AllocationFailed {
+        what,
+        bytes: len.saturating_mul(std::mem::size_of::<F>()),
+    })?;
+    v.resize(len, F::default());
+    Ok(v)
+}

@@ -1,0 +1,476 @@
+//! The Sinkhorn-Knopp projector onto the Birkhoff polytope (paper Eq. 9, SPEC §2).
+//!
+//! [`SinkhornKnopp`] maps a square matrix of logits to a doubly-stochastic matrix exactly as the
+//! mHC paper and DeepSeek's released kernel do: a column softmax (`= T_c(exp(L))`), `+ eps` when
+//! `eps > 0`, a row normalisation, then `iters − 1` times (columns, rows). Rows are normalised
+//! last, so every row of the result sums to 1 (to rounding, for `eps = 0`); the column sums carry
+//! the truncation error of the finite iteration.
+//!
+//! The iteration runs in the linear domain, eight matrices side by side so that it vectorises.
+//! A matrix whose normalising sums fall below `MIN_POSITIVE / EPSILON` (logits spread so widely
+//! that `exp` underflows a whole row) is recomputed in log space, the same map with `logsumexp`
+//! normalisations, and its VJP goes through the log-space iterates too.
+
+mod lanes;
+mod log;
+
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
+
+use crate::error::{Error, Result, try_zeroed};
+use crate::{Float, par};
+use lanes::{LANES, Plan};
+
+/// The Sinkhorn-Knopp projector of SPEC §2 (paper Eq. 9).
+///
+/// `iters` is the number of (column, row) normalisation rounds, counting the column softmax as
+/// the first column step; `eps` is added to the entries after the softmax and to every
+/// normalising sum (DeepSeek's kernel uses `1e-6`; the paper's definition is `0`).
+///
+/// # Examples
+///
+/// ```
+/// use mhc::SinkhornKnopp;
+/// use ndarray::array;
+///
+/// let h_res = SinkhornKnopp::default().project(array![[1.0, 0.0], [0.0, 2.0f64]].view())?;
+/// for row in h_res.rows() {
+///     assert!((row.sum() - 1.0).abs() < 1e-12);
+/// }
+/// # Ok::<(), mhc::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SinkhornKnopp {
+    /// Normalisation rounds (default 20, as in the paper). Must be at least 1.
+    pub iters: usize,
+    /// Added after the softmax and to every normalising sum (default 0, the paper's map;
+    /// `1e-6` reproduces DeepSeek's kernel). Must be finite and non-negative.
+    pub eps: f64,
+}
+
+impl Default for SinkhornKnopp {
+    fn default() -> Self {
+        SinkhornKnopp {
+            iters: 20,
+            eps: 0.0,
+        }
+    }
+}
+
+/// Matrices per parallel task: about 2^20 element updates, so a task outweighs its start-up.
+fn task_len(nn: usize, iters: usize) -> usize {
+    let per = (nn * iters.min(1 << 20)).max(1);
+    ((1usize << 20) / per).max(1).div_ceil(LANES) * LANES
+}
+
+fn shape_of(s: &[usize]) -> Vec<usize> {
+    s.to_vec()
+}
+
+impl SinkhornKnopp {
+    /// A projector with `iters` rounds and `eps`, validated.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidIterations`] if `iters == 0`; [`Error::InvalidEpsilon`] if `eps` is
+    /// negative or not finite.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let deepseek = mhc::SinkhornKnopp::new(20, 1e-6)?;
+    /// assert!(mhc::SinkhornKnopp::new(0, 0.0).is_err());
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn new(iters: usize, eps: f64) -> Result<Self> {
+        let sk = SinkhornKnopp { iters, eps };
+        sk.validate()?;
+        Ok(sk)
+    }
+
+    /// Checks the configuration (every projecting method calls this first).
+    ///
+    /// # Errors
+    ///
+    /// As [`SinkhornKnopp::new`].
+    pub fn validate(&self) -> Result<()> {
+        if self.iters == 0 {
+            return Err(Error::InvalidIterations { got: self.iters });
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::InvalidEpsilon {
+                what: "eps",
+                expected: "finite and >= 0",
+                got: self.eps,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks `[B, n, n]` logits (with `B` the leading dims), returning `n`.
+    fn check_logits(&self, shape: &[usize]) -> Result<usize> {
+        self.validate()?;
+        let (r, c) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        if r != c {
+            return Err(Error::NotSquare {
+                what: "logits",
+                got: shape_of(shape),
+            });
+        }
+        if r == 0 {
+            return Err(Error::Empty { what: "logits" });
+        }
+        Ok(r)
+    }
+
+    /// Projects one `n×n` matrix of logits onto the doubly-stochastic matrices.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`: `[n, n]`, any layout
+    /// - returns: `[n, n]`, rows summing to 1 (to `s_i / (s_i + eps)` when `eps > 0`)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotSquare`], [`Error::Empty`], [`Error::NonFinite`] (with index 0) for a NaN
+    /// or infinite logit, and the configuration errors of [`SinkhornKnopp::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// let m = mhc::SinkhornKnopp::default().project(Array2::<f32>::zeros((4, 4)).view())?;
+    /// assert!(m.iter().all(|&v| (v - 0.25).abs() < 1e-6));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn project<F: Float>(&self, logits: ArrayView2<F>) -> Result<Array2<F>> {
+        let n = self.check_logits(logits.shape())?;
+        let mut out = Array2::zeros((n, n));
+        self.project_into(logits, out.view_mut())?;
+        Ok(out)
+    }
+
+    /// [`project`](Self::project) into a caller-provided `[n, n]` array.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`: `[n, n]`; `out`: `[n, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`project`](Self::project), plus [`Error::ShapeMismatch`] if `out` is not `[n, n]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// let mut out = Array2::zeros((2, 2));
+    /// mhc::SinkhornKnopp::default().project_into(array![[0.0, 1.0], [2.0, 3.0]].view(), out.view_mut())?;
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn project_into<F: Float>(
+        &self,
+        logits: ArrayView2<F>,
+        mut out: ArrayViewMut2<F>,
+    ) -> Result<()> {
+        let n = self.check_logits(logits.shape())?;
+        check_same("out", &[n, n], out.shape())?;
+        let l = logits.as_standard_layout();
+        let l = l.as_slice().expect("standard layout");
+        check_finite("logits", n * n, l)?;
+        let mut buf = vec![F::zero(); n * n];
+        self.project_slices(n, l, &mut buf)?;
+        out.assign(&ndarray::ArrayView2::from_shape((n, n), &buf).expect("n*n"));
+        Ok(())
+    }
+
+    /// Projects a batch of matrices, in parallel over chunks of the batch.
+    ///
+    /// The result is bitwise identical to calling [`project`](Self::project) on each matrix,
+    /// with any number of threads.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`: `[B, n, n]`
+    /// - returns: `[B, n, n]` (`B = 0` gives an empty result)
+    ///
+    /// # Errors
+    ///
+    /// As [`project`](Self::project); [`Error::NonFinite`] names the first batch entry holding
+    /// a NaN or infinity.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let logits = Array3::<f64>::from_shape_fn((16, 4, 4), |(b, i, j)| (b + 3 * i + j) as f64 * 0.1);
+    /// let h = mhc::SinkhornKnopp::default().project_batch(logits.view())?;
+    /// assert_eq!(h.shape(), &[16, 4, 4]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn project_batch<F: Float>(&self, logits: ArrayView3<F>) -> Result<Array3<F>> {
+        let mut out = Array3::zeros(logits.raw_dim());
+        self.project_batch_into(logits, out.view_mut())?;
+        Ok(out)
+    }
+
+    /// [`project_batch`](Self::project_batch) into a caller-provided `[B, n, n]` array.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`, `out`: `[B, n, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`project_batch`](Self::project_batch), plus [`Error::ShapeMismatch`] for `out`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let logits = Array3::<f32>::zeros((3, 2, 2));
+    /// let mut out = Array3::zeros((3, 2, 2));
+    /// mhc::SinkhornKnopp::default().project_batch_into(logits.view(), out.view_mut())?;
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn project_batch_into<F: Float>(
+        &self,
+        logits: ArrayView3<F>,
+        mut out: ArrayViewMut3<F>,
+    ) -> Result<()> {
+        let n = self.check_logits(logits.shape())?;
+        check_same("out", logits.shape(), out.shape())?;
+        let l = logits.as_standard_layout();
+        let l = l.as_slice().expect("standard layout");
+        check_finite("logits", n * n, l)?;
+        match out.as_slice_mut() {
+            Some(o) => self.project_batch_slices(n, l, o)?,
+            None => {
+                let mut o = try_zeroed("out", l.len())?;
+                self.project_batch_slices(n, l, &mut o)?;
+                out.assign(&ArrayView3::from_shape(logits.raw_dim(), &o).expect("same shape"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Contiguous batch, parallel over fixed chunks. Inputs already validated and finite.
+    pub(crate) fn project_batch_slices<F: Float>(
+        &self,
+        n: usize,
+        logits: &[F],
+        out: &mut [F],
+    ) -> Result<()> {
+        let nn = n * n;
+        let chunk = task_len(nn, self.iters) * nn;
+        let err = std::sync::Mutex::new(None);
+        par::zip_chunks(logits, chunk, out, chunk, |_, l, o| {
+            if let Err(e) = self.project_slices(n, l, o) {
+                *err.lock().unwrap() = Some(e);
+            }
+        });
+        match err.into_inner().unwrap() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Projects the contiguous row-major matrices in `logits` into `out`, sequentially.
+    /// Inputs already validated and finite.
+    pub(crate) fn project_slices<F: Float>(
+        &self,
+        n: usize,
+        logits: &[F],
+        out: &mut [F],
+    ) -> Result<()> {
+        let nn = n * n;
+        let plan = Plan::<F>::new(n, self.iters, self.eps);
+        let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
+        let mut den = try_zeroed("sinkhorn scratch", n * LANES)?;
+        let mut log_store = Vec::new();
+        for (l, o) in logits.chunks(nn * LANES).zip(out.chunks_mut(nn * LANES)) {
+            let count = l.len() / nn;
+            lanes::gather(nn, l, count, &mut buf);
+            let ok = lanes::forward(&plan, &mut buf, &mut den, None);
+            lanes::scatter(nn, &buf, count, o);
+            for k in (0..count).filter(|&k| !ok[k]) {
+                if log_store.is_empty() {
+                    log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                }
+                let range = k * nn..(k + 1) * nn;
+                log::forward(n, self.iters, plan.eps, &l[range.clone()], &mut log_store, &mut o[range]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The vector-Jacobian product of [`project`](Self::project): the gradient of
+    /// `Σ upstream ⊙ project(logits)` with respect to `logits`.
+    ///
+    /// This is the exact derivative of the unrolled iteration for the configured `iters` and
+    /// `eps` (what autograd gives on the same code), not the implicit-function approximation.
+    /// The iterates are recomputed from the logits, not stored by the forward pass.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`, `upstream`: `[n, n]`
+    /// - returns: `[n, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`project`](Self::project), plus [`Error::ShapeMismatch`] if `upstream` is not
+    /// `[n, n]` and [`Error::NonFinite`] for a non-finite upstream gradient.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// let sk = mhc::SinkhornKnopp::default();
+    /// // Rows always sum to one, so a gradient that weights every entry alike gives zero.
+    /// let g = sk.vjp(array![[0.3, -1.0], [2.0, 0.5f64]].view(), Array2::ones((2, 2)).view())?;
+    /// assert!(g.iter().all(|v| v.abs() < 1e-12));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn vjp<F: Float>(&self, logits: ArrayView2<F>, upstream: ArrayView2<F>) -> Result<Array2<F>> {
+        let n = self.check_logits(logits.shape())?;
+        let b = self.vjp_batch(
+            logits.insert_axis(ndarray::Axis(0)),
+            upstream.insert_axis(ndarray::Axis(0)),
+        );
+        let b = b.map_err(|e| match e {
+            Error::ShapeMismatch { what, got, .. } => Error::ShapeMismatch {
+                what,
+                expected: vec![n, n],
+                got: got[1..].to_vec(),
+            },
+            e => e,
+        })?;
+        Ok(b.index_axis_move(ndarray::Axis(0), 0))
+    }
+
+    /// [`vjp`](Self::vjp) for a batch, in parallel over chunks of the batch; bitwise identical
+    /// to calling [`vjp`](Self::vjp) on each matrix.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`, `upstream`: `[B, n, n]`
+    /// - returns: `[B, n, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`vjp`](Self::vjp); [`Error::NonFinite`] names the first batch entry at fault.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let logits = Array3::<f32>::zeros((5, 3, 3));
+    /// let up = Array3::<f32>::ones((5, 3, 3));
+    /// let g = mhc::SinkhornKnopp::default().vjp_batch(logits.view(), up.view())?;
+    /// assert_eq!(g.shape(), &[5, 3, 3]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn vjp_batch<F: Float>(
+        &self,
+        logits: ArrayView3<F>,
+        upstream: ArrayView3<F>,
+    ) -> Result<Array3<F>> {
+        let n = self.check_logits(logits.shape())?;
+        check_same("upstream", logits.shape(), upstream.shape())?;
+        let l = logits.as_standard_layout();
+        let l = l.as_slice().expect("standard layout");
+        let u = upstream.as_standard_layout();
+        let u = u.as_slice().expect("standard layout");
+        check_finite("logits", n * n, l)?;
+        check_finite("upstream", n * n, u)?;
+        let mut out = try_zeroed("vjp", l.len())?;
+        self.vjp_batch_slices(n, l, u, &mut out)?;
+        Ok(Array3::from_shape_vec(logits.raw_dim(), out).expect("same shape"))
+    }
+
+    /// Contiguous batch VJP, parallel over fixed chunks. Inputs already validated and finite.
+    pub(crate) fn vjp_batch_slices<F: Float>(
+        &self,
+        n: usize,
+        logits: &[F],
+        upstream: &[F],
+        grad: &mut [F],
+    ) -> Result<()> {
+        let nn = n * n;
+        let chunk = task_len(nn, self.iters) * nn;
+        let err = std::sync::Mutex::new(None);
+        par::zip_chunks(logits, chunk, grad, chunk, |k, l, g| {
+            let u = &upstream[k * chunk..k * chunk + l.len()];
+            if let Err(e) = self.vjp_slices(n, l, u, g) {
+                *err.lock().unwrap() = Some(e);
+            }
+        });
+        match err.into_inner().unwrap() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sequential VJP of contiguous matrices. Inputs already validated and finite.
+    pub(crate) fn vjp_slices<F: Float>(
+        &self,
+        n: usize,
+        logits: &[F],
+        upstream: &[F],
+        grad: &mut [F],
+    ) -> Result<()> {
+        let nn = n * n;
+        let plan = Plan::<F>::new(n, self.iters, self.eps);
+        let store_len = crate::error::checked_size("sinkhorn vjp scratch", &[nn + n, 2 * self.iters, LANES])?;
+        debug_assert!(store_len >= plan.store_len());
+        let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
+        let mut store = try_zeroed("sinkhorn vjp scratch", plan.store_len())?;
+        let mut log_store = Vec::new();
+        for ((l, u), g) in logits
+            .chunks(nn * LANES)
+            .zip(upstream.chunks(nn * LANES))
+            .zip(grad.chunks_mut(nn * LANES))
+        {
+            let count = l.len() / nn;
+            lanes::gather(nn, l, count, &mut buf);
+            let ok = lanes::forward(&plan, &mut buf, &mut [], Some(&mut store));
+            lanes::gather(nn, u, count, &mut buf);
+            lanes::backward(&plan, &store, &mut buf);
+            lanes::scatter(nn, &buf, count, g);
+            for k in (0..count).filter(|&k| !ok[k]) {
+                if log_store.is_empty() {
+                    log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                }
+                let range = k * nn..(k + 1) * nn;
+                let mut p = vec![F::zero(); nn];
+                log::forward(n, self.iters, plan.eps, &l[range.clone()], &mut log_store, &mut p);
+                g[range.clone()].copy_from_slice(&u[range]);
+                log::backward(n, self.iters, plan.eps, &log_store, &mut g[k * nn..(k + 1) * nn]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Error::ShapeMismatch`] unless `got == expected`.
+pub(crate) fn check_same(what: &'static str, expected: &[usize], got: &[usize]) -> Result<()> {
+    if expected != got {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// [`Error::NonFinite`] naming the first `entry_len`-sized entry of `data` holding a NaN or
+/// infinity.
+pub(crate) fn check_finite<F: Float>(what: &'static str, entry_len: usize, data: &[F]) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(p) => Err(Error::NonFinite {
+            what,
+            index: p / entry_len.max(1),
+        }),
+        None => Ok(()),
+    }
+}
