@@ -76,7 +76,11 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::ShapeMismatch { what, expected, got } => {
+            Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => {
                 write!(f, "`{what}` has shape {got:?}, expected {expected:?}")
             }
             Error::NotSquare { what, got } => {
@@ -89,11 +93,18 @@ impl fmt::Display for Error {
             Error::InvalidIterations { got } => {
                 write!(f, "Sinkhorn-Knopp `iters` must be at least 1, got {got}")
             }
-            Error::InvalidEpsilon { what, expected, got } => {
+            Error::InvalidEpsilon {
+                what,
+                expected,
+                got,
+            } => {
                 write!(f, "`{what}` must be {expected}, got {got}")
             }
             Error::NonFinite { what, index } => {
-                write!(f, "`{what}` holds a non-finite value (NaN or infinity) at entry {index}")
+                write!(
+                    f,
+                    "`{what}` holds a non-finite value (NaN or infinity) at entry {index}"
+                )
             }
             Error::SizeOverflow { what } => {
                 write!(f, "the size of `{what}` overflows usize")
@@ -120,10 +131,11 @@ pub(crate) fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> 
 /// A zeroed buffer of `len` elements, with allocation failure reported as an error, not an abort.
 pub(crate) fn try_zeroed<F: Copy + Default>(what: &'static str, len: usize) -> Result<Vec<F>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::AllocationFailed {
-        what,
-        bytes: len.saturating_mul(std::mem::size_of::<F>()),
-    })?;
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::AllocationFailed {
+            what,
+            bytes: len.saturating_mul(std::mem::size_of::<F>()),
+        })?;
     v.resize(len, F::default());
     Ok(v)
 }

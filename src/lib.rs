@@ -26,3 +26,7 @@ pub use sinkhorn::SinkhornKnopp;
 /// The `rand` crate this crate is built against, re-exported so that callers pass an RNG of the
 /// same version.
 pub use rand;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

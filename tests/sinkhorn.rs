@@ -9,7 +9,10 @@ use ndarray::{Array2, Array3, ArrayD, Axis, Ix2, s};
 use proptest::prelude::*;
 
 fn to<F: Float>(a: &ArrayD<f64>) -> Array2<F> {
-    a.view().into_dimensionality::<Ix2>().unwrap().mapv(F::from_f64)
+    a.view()
+        .into_dimensionality::<Ix2>()
+        .unwrap()
+        .mapv(F::from_f64)
 }
 
 fn back<F: Float>(a: &Array2<F>) -> ArrayD<f64> {
@@ -25,15 +28,28 @@ fn check_reference<F: Float>(tol_out: f64, tol_grad: f64, tol_extreme: f64) {
         let logits = to::<F>(&arr(&c["logits"]));
         let want = arr(&c["output"]);
         let got = sk.project(logits.view()).unwrap();
-        assert!(got.iter().all(|v| v.is_finite() && *v >= F::zero()), "case {k}");
+        assert!(
+            got.iter().all(|v| v.is_finite() && *v >= F::zero()),
+            "case {k}"
+        );
         let extreme = c.get("extreme").is_some();
         let tol = if extreme { tol_extreme } else { tol_out };
-        assert_close(&format!("{} case {k} output", F::NAME), &back(&got), &want, tol);
+        assert_close(
+            &format!("{} case {k} output", F::NAME),
+            &back(&got),
+            &want,
+            tol,
+        );
         if !extreme {
             let up = to::<F>(&arr(&c["upstream"]));
             let g = sk.vjp(logits.view(), up.view()).unwrap();
             let want = arr(&c["grad_logits"]);
-            assert_close(&format!("{} case {k} grad", F::NAME), &back(&g), &want, tol_grad);
+            assert_close(
+                &format!("{} case {k} grad", F::NAME),
+                &back(&g),
+                &want,
+                tol_grad,
+            );
         }
     }
 }
@@ -61,14 +77,21 @@ fn finite_difference_check(sk: SinkhornKnopp, logits: &Array2<f64>, upstream: &A
         fd[idx] = (f(&a) - f(&b)) / (2.0 * h);
     }
     // Central differences carry O(h²) truncation and O(ε/h) rounding error: ~1e-10 here.
-    assert_close("vjp vs finite differences", &g.into_dyn(), &fd.into_dyn(), 1e-7);
+    assert_close(
+        "vjp vs finite differences",
+        &g.into_dyn(),
+        &fd.into_dyn(),
+        1e-7,
+    );
 }
 
 #[test]
 fn vjp_matches_finite_differences() {
     let mut seed = 1u64;
     let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     };
     for &(n, iters, eps, scale) in &[
@@ -120,22 +143,42 @@ fn log_domain_vjp_matches_finite_differences() {
 #[test]
 fn extreme_logits_are_finite_and_row_stochastic() {
     let mats: Vec<Array2<f64>> = vec![
-        Array2::from_shape_fn((4, 4), |(i, j)| if (i * 7 + j * 3) % 2 == 0 { 1e4 } else { -1e4 }),
+        Array2::from_shape_fn(
+            (4, 4),
+            |(i, j)| if (i * 7 + j * 3) % 2 == 0 { 1e4 } else { -1e4 },
+        ),
         Array2::from_shape_fn((4, 4), |(i, j)| if i == 1 && j == 2 { 1e4 } else { 0.0 }),
         Array2::from_shape_fn((4, 4), |(i, _)| if i == 0 { -1e4 } else { 0.0 }),
         Array2::from_shape_fn((3, 3), |(i, j)| ((i * 3 + j) as f64 - 4.0) * 2500.0),
         Array2::from_shape_fn((6, 6), |_| 5.0),
     ];
     for m in &mats {
-        for sk in [SinkhornKnopp::default(), SinkhornKnopp { iters: 20, eps: 1e-6 }] {
+        for sk in [
+            SinkhornKnopp::default(),
+            SinkhornKnopp {
+                iters: 20,
+                eps: 1e-6,
+            },
+        ] {
             for (tol, p) in [
                 (1e-12f64, sk.project(m.view()).unwrap()),
-                (1e-5, sk.project(m.mapv(|v| v as f32).view()).unwrap().mapv(f64::from)),
+                (
+                    1e-5,
+                    sk.project(m.mapv(|v| v as f32).view())
+                        .unwrap()
+                        .mapv(f64::from),
+                ),
             ] {
-                assert!(p.iter().all(|v| v.is_finite() && *v >= 0.0), "{m:?} -> {p:?}");
+                assert!(
+                    p.iter().all(|v| v.is_finite() && *v >= 0.0),
+                    "{m:?} -> {p:?}"
+                );
                 for row in p.rows() {
                     // eps > 0: the row sums s/(s+eps) lie within n·eps of 1.
-                    assert!((row.sum() - 1.0).abs() <= tol.max(8.0 * sk.eps), "{m:?} -> {p:?}");
+                    assert!(
+                        (row.sum() - 1.0).abs() <= tol.max(8.0 * sk.eps),
+                        "{m:?} -> {p:?}"
+                    );
                 }
                 let up = Array2::from_shape_fn(m.raw_dim(), |(i, j)| (i as f64 - j as f64) * 0.1);
                 let g = sk.vjp(m.view(), up.view()).unwrap();
@@ -147,7 +190,10 @@ fn extreme_logits_are_finite_and_row_stochastic() {
 
 #[test]
 fn eps_rows_sum_to_s_over_s_plus_eps() {
-    let sk = SinkhornKnopp { iters: 5, eps: 1e-2 };
+    let sk = SinkhornKnopp {
+        iters: 5,
+        eps: 1e-2,
+    };
     let l = Array2::from_shape_fn((4, 4), |(i, j)| (i as f64 * 0.7 - j as f64 * 0.3).sin());
     let p = sk.project(l.view()).unwrap();
     // Before the last row step the row sums are s_i; after it, s_i / (s_i + eps): recompute s_i
@@ -165,22 +211,37 @@ fn batch_is_bitwise_identical_to_single_any_threads() {
     let b = 1000;
     for &n in &[1usize, 2, 3, 4, 8] {
         let logits = Array3::from_shape_fn((b, n, n), |(k, i, j)| {
-            (((k * 31 + i * 7 + j * 3) % 17) as f64 - 8.0) * 0.37 + if k % 97 == 0 { -900.0 * i as f64 } else { 0.0 }
+            (((k * 31 + i * 7 + j * 3) % 17) as f64 - 8.0) * 0.37
+                + if k % 97 == 0 { -900.0 * i as f64 } else { 0.0 }
         });
         let up = logits.mapv(|v| (v * 1.3).cos());
-        for sk in [SinkhornKnopp::default(), SinkhornKnopp { iters: 7, eps: 1e-6 }] {
+        for sk in [
+            SinkhornKnopp::default(),
+            SinkhornKnopp {
+                iters: 7,
+                eps: 1e-6,
+            },
+        ] {
             let batch = sk.project_batch(logits.view()).unwrap();
             let gb = sk.vjp_batch(logits.view(), up.view()).unwrap();
             for k in 0..b {
                 let single = sk.project(logits.index_axis(Axis(0), k)).unwrap();
                 assert_eq!(single, batch.index_axis(Axis(0), k), "n={n} k={k}");
-                let gs = sk.vjp(logits.index_axis(Axis(0), k), up.index_axis(Axis(0), k)).unwrap();
+                let gs = sk
+                    .vjp(logits.index_axis(Axis(0), k), up.index_axis(Axis(0), k))
+                    .unwrap();
                 assert_eq!(gs, gb.index_axis(Axis(0), k), "n={n} k={k}");
             }
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 let (p, g) = pool.install(|| {
-                    (sk.project_batch(logits.view()).unwrap(), sk.vjp_batch(logits.view(), up.view()).unwrap())
+                    (
+                        sk.project_batch(logits.view()).unwrap(),
+                        sk.vjp_batch(logits.view(), up.view()).unwrap(),
+                    )
                 });
                 assert_eq!(p, batch);
                 assert_eq!(g, gb);
@@ -201,16 +262,24 @@ fn non_contiguous_views_are_accepted() {
         assert_eq!(got.index_axis(Axis(0), k), want);
     }
     let mut out = Array3::zeros((4, 4, 3));
-    sk.project_batch_into(t, out.view_mut().permuted_axes([2, 0, 1])).unwrap();
+    sk.project_batch_into(t, out.view_mut().permuted_axes([2, 0, 1]))
+        .unwrap();
     assert_eq!(out.permuted_axes([2, 0, 1]), got);
 }
 
 #[test]
 fn empty_batch_is_empty() {
     let sk = SinkhornKnopp::default();
-    let p = sk.project_batch(Array3::<f32>::zeros((0, 4, 4)).view()).unwrap();
+    let p = sk
+        .project_batch(Array3::<f32>::zeros((0, 4, 4)).view())
+        .unwrap();
     assert_eq!(p.shape(), &[0, 4, 4]);
-    let g = sk.vjp_batch(Array3::<f32>::zeros((0, 4, 4)).view(), Array3::zeros((0, 4, 4)).view()).unwrap();
+    let g = sk
+        .vjp_batch(
+            Array3::<f32>::zeros((0, 4, 4)).view(),
+            Array3::zeros((0, 4, 4)).view(),
+        )
+        .unwrap();
     assert_eq!(g.shape(), &[0, 4, 4]);
 }
 
@@ -219,9 +288,15 @@ fn bad_inputs_give_typed_errors() {
     let sk = SinkhornKnopp::default();
     assert_eq!(
         sk.project(Array2::<f64>::zeros((3, 4)).view()),
-        Err(Error::NotSquare { what: "logits", got: vec![3, 4] })
+        Err(Error::NotSquare {
+            what: "logits",
+            got: vec![3, 4]
+        })
     );
-    assert_eq!(sk.project(Array2::<f64>::zeros((0, 0)).view()), Err(Error::Empty { what: "logits" }));
+    assert_eq!(
+        sk.project(Array2::<f64>::zeros((0, 0)).view()),
+        Err(Error::Empty { what: "logits" })
+    );
     assert_eq!(
         sk.project_batch(Array3::<f64>::zeros((2, 0, 0)).view()),
         Err(Error::Empty { what: "logits" })
@@ -230,9 +305,14 @@ fn bad_inputs_give_typed_errors() {
         SinkhornKnopp { iters: 0, eps: 0.0 }.project(Array2::<f64>::zeros((2, 2)).view()),
         Err(Error::InvalidIterations { got: 0 })
     );
-    assert_eq!(SinkhornKnopp::new(0, 0.0), Err(Error::InvalidIterations { got: 0 }));
+    assert_eq!(
+        SinkhornKnopp::new(0, 0.0),
+        Err(Error::InvalidIterations { got: 0 })
+    );
     for eps in [-1e-6, f64::NAN, f64::INFINITY] {
-        let e = SinkhornKnopp { iters: 20, eps }.project(Array2::<f32>::zeros((2, 2)).view()).unwrap_err();
+        let e = SinkhornKnopp { iters: 20, eps }
+            .project(Array2::<f32>::zeros((2, 2)).view())
+            .unwrap_err();
         assert!(
             matches!(e, Error::InvalidEpsilon { what: "eps", expected: "finite and >= 0", got } if got.to_bits() == eps.to_bits()),
             "{e:?}"
@@ -241,40 +321,84 @@ fn bad_inputs_give_typed_errors() {
     let mut bad = Array3::<f32>::zeros((5, 3, 3));
     bad[[3, 1, 2]] = f32::NAN;
     bad[[4, 0, 0]] = f32::INFINITY;
-    assert_eq!(sk.project_batch(bad.view()), Err(Error::NonFinite { what: "logits", index: 3 }));
+    assert_eq!(
+        sk.project_batch(bad.view()),
+        Err(Error::NonFinite {
+            what: "logits",
+            index: 3
+        })
+    );
     let mut one = Array2::<f64>::zeros((2, 2));
     one[[1, 1]] = f64::NEG_INFINITY;
-    assert_eq!(sk.project(one.view()), Err(Error::NonFinite { what: "logits", index: 0 }));
     assert_eq!(
-        sk.vjp(Array2::<f64>::zeros((2, 2)).view(), Array2::zeros((2, 3)).view()),
-        Err(Error::ShapeMismatch { what: "upstream", expected: vec![2, 2], got: vec![2, 3] })
+        sk.project(one.view()),
+        Err(Error::NonFinite {
+            what: "logits",
+            index: 0
+        })
     );
     assert_eq!(
-        sk.vjp_batch(Array3::<f64>::zeros((4, 2, 2)).view(), Array3::zeros((3, 2, 2)).view()),
-        Err(Error::ShapeMismatch { what: "upstream", expected: vec![4, 2, 2], got: vec![3, 2, 2] })
+        sk.vjp(
+            Array2::<f64>::zeros((2, 2)).view(),
+            Array2::zeros((2, 3)).view()
+        ),
+        Err(Error::ShapeMismatch {
+            what: "upstream",
+            expected: vec![2, 2],
+            got: vec![2, 3]
+        })
+    );
+    assert_eq!(
+        sk.vjp_batch(
+            Array3::<f64>::zeros((4, 2, 2)).view(),
+            Array3::zeros((3, 2, 2)).view()
+        ),
+        Err(Error::ShapeMismatch {
+            what: "upstream",
+            expected: vec![4, 2, 2],
+            got: vec![3, 2, 2]
+        })
     );
     let mut up = Array3::<f64>::zeros((4, 2, 2));
     up[[2, 0, 1]] = f64::NAN;
     assert_eq!(
         sk.vjp_batch(Array3::<f64>::zeros((4, 2, 2)).view(), up.view()),
-        Err(Error::NonFinite { what: "upstream", index: 2 })
+        Err(Error::NonFinite {
+            what: "upstream",
+            index: 2
+        })
     );
     assert_eq!(
-        sk.project_into(Array2::<f64>::zeros((2, 2)).view(), Array2::zeros((3, 3)).view_mut()),
-        Err(Error::ShapeMismatch { what: "out", expected: vec![2, 2], got: vec![3, 3] })
+        sk.project_into(
+            Array2::<f64>::zeros((2, 2)).view(),
+            Array2::zeros((3, 3)).view_mut()
+        ),
+        Err(Error::ShapeMismatch {
+            what: "out",
+            expected: vec![2, 2],
+            got: vec![3, 3]
+        })
     );
     // Messages a user can act on.
     assert_eq!(
-        Error::NonFinite { what: "logits", index: 3 }.to_string(),
+        Error::NonFinite {
+            what: "logits",
+            index: 3
+        }
+        .to_string(),
         "`logits` holds a non-finite value (NaN or infinity) at entry 3"
     );
 }
 
 fn logits_strategy() -> impl Strategy<Value = Array2<f64>> {
-    (1usize..=6, prop_oneof![Just(0.1f64), Just(1.0), Just(5.0), Just(50.0)]).prop_flat_map(|(n, scale)| {
-        proptest::collection::vec(-1.0f64..1.0, n * n)
-            .prop_map(move |v| Array2::from_shape_vec((n, n), v).unwrap() * scale)
-    })
+    (
+        1usize..=6,
+        prop_oneof![Just(0.1f64), Just(1.0), Just(5.0), Just(50.0)],
+    )
+        .prop_flat_map(|(n, scale)| {
+            proptest::collection::vec(-1.0f64..1.0, n * n)
+                .prop_map(move |v| Array2::from_shape_vec((n, n), v).unwrap() * scale)
+        })
 }
 
 proptest! {

@@ -65,7 +65,11 @@ pub(crate) fn gather<F: Float>(nn: usize, src: &[F], count: usize, buf: &mut [F]
     for e in 0..nn {
         let v = lane_mut(buf, e);
         for (l, v) in v.iter_mut().enumerate() {
-            *v = if l < count { src[l * nn + e] } else { F::zero() };
+            *v = if l < count {
+                src[l * nn + e]
+            } else {
+                F::zero()
+            };
         }
     }
 }
@@ -172,7 +176,8 @@ pub(crate) fn forward<F: Float>(
                 let (mats, dens) = st.split_at_mut(nn * LANES * (1 + plan.steps()));
                 let d = &mut dens[k * n * LANES..(k + 1) * n * LANES];
                 normalise(n, rows, plan.eps, buf, d, &mut min_den);
-                mats[(k + 1) * nn * LANES..(k + 2) * nn * LANES].copy_from_slice(&buf[..nn * LANES]);
+                mats[(k + 1) * nn * LANES..(k + 2) * nn * LANES]
+                    .copy_from_slice(&buf[..nn * LANES]);
             }
             None => normalise(n, rows, plan.eps, buf, den, &mut min_den),
         }

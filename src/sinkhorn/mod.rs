@@ -294,10 +294,18 @@ impl SinkhornKnopp {
             lanes::scatter(nn, &buf, count, o);
             for k in (0..count).filter(|&k| !ok[k]) {
                 if log_store.is_empty() {
-                    log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                    log_store =
+                        try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
                 }
                 let range = k * nn..(k + 1) * nn;
-                log::forward(n, self.iters, plan.eps, &l[range.clone()], &mut log_store, &mut o[range]);
+                log::forward(
+                    n,
+                    self.iters,
+                    plan.eps,
+                    &l[range.clone()],
+                    &mut log_store,
+                    &mut o[range],
+                );
             }
         }
         Ok(())
@@ -330,7 +338,11 @@ impl SinkhornKnopp {
     /// assert!(g.iter().all(|v| v.abs() < 1e-12));
     /// # Ok::<(), mhc::Error>(())
     /// ```
-    pub fn vjp<F: Float>(&self, logits: ArrayView2<F>, upstream: ArrayView2<F>) -> Result<Array2<F>> {
+    pub fn vjp<F: Float>(
+        &self,
+        logits: ArrayView2<F>,
+        upstream: ArrayView2<F>,
+    ) -> Result<Array2<F>> {
         let n = self.check_logits(logits.shape())?;
         let b = self.vjp_batch(
             logits.insert_axis(ndarray::Axis(0)),
@@ -420,7 +432,8 @@ impl SinkhornKnopp {
     ) -> Result<()> {
         let nn = n * n;
         let plan = Plan::<F>::new(n, self.iters, self.eps);
-        let store_len = crate::error::checked_size("sinkhorn vjp scratch", &[nn + n, 2 * self.iters, LANES])?;
+        let store_len =
+            crate::error::checked_size("sinkhorn vjp scratch", &[nn + n, 2 * self.iters, LANES])?;
         debug_assert!(store_len >= plan.store_len());
         let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
         let mut store = try_zeroed("sinkhorn vjp scratch", plan.store_len())?;
@@ -438,13 +451,27 @@ impl SinkhornKnopp {
             lanes::scatter(nn, &buf, count, g);
             for k in (0..count).filter(|&k| !ok[k]) {
                 if log_store.is_empty() {
-                    log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                    log_store =
+                        try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
                 }
                 let range = k * nn..(k + 1) * nn;
                 let mut p = vec![F::zero(); nn];
-                log::forward(n, self.iters, plan.eps, &l[range.clone()], &mut log_store, &mut p);
+                log::forward(
+                    n,
+                    self.iters,
+                    plan.eps,
+                    &l[range.clone()],
+                    &mut log_store,
+                    &mut p,
+                );
                 g[range.clone()].copy_from_slice(&u[range]);
-                log::backward(n, self.iters, plan.eps, &log_store, &mut g[k * nn..(k + 1) * nn]);
+                log::backward(
+                    n,
+                    self.iters,
+                    plan.eps,
+                    &log_store,
+                    &mut g[k * nn..(k + 1) * nn],
+                );
             }
         }
         Ok(())
@@ -465,7 +492,11 @@ pub(crate) fn check_same(what: &'static str, expected: &[usize], got: &[usize]) 
 
 /// [`Error::NonFinite`] naming the first `entry_len`-sized entry of `data` holding a NaN or
 /// infinity.
-pub(crate) fn check_finite<F: Float>(what: &'static str, entry_len: usize, data: &[F]) -> Result<()> {
+pub(crate) fn check_finite<F: Float>(
+    what: &'static str,
+    entry_len: usize,
+    data: &[F],
+) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {
         Some(p) => Err(Error::NonFinite {
             what,
