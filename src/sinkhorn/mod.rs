@@ -78,6 +78,7 @@ impl SinkhornKnopp {
     ///
     /// ```
     /// let deepseek = mhc::SinkhornKnopp::new(20, 1e-6)?;
+    /// assert_eq!(deepseek.eps, 1e-6);
     /// assert!(mhc::SinkhornKnopp::new(0, 0.0).is_err());
     /// # Ok::<(), mhc::Error>(())
     /// ```
