@@ -10,18 +10,34 @@
 //! gradient-checked backward passes, and CPU kernels designed for memory traffic.
 //!
 //! - [`SinkhornKnopp`]: the projector onto the Birkhoff polytope (paper Eq. 9), forward and VJP.
+//! - [`MhcBlock`]: the mHC block (Eq. 3, 7, 8), split into a fused read-out (mappings and the
+//!   sublayer input) and a write-in, so that any sublayer from any framework plugs in between.
+//! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention; HC
+//!   shares the [`mixing`] kernels with mHC.
+//! - [`streams::expand`] / [`streams::collapse`]: entering and leaving the `n` streams.
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 #![doc(test(attr(deny(warnings))))]
 
+mod block;
 pub mod error;
 mod float;
+mod hc;
+pub mod mappings;
+pub mod mixing;
 mod par;
+mod residual;
 pub mod sinkhorn;
+pub mod streams;
 
+pub use block::{BiasInit, MhcBlock, MhcConfig, MhcParams};
 pub use error::{Error, Result};
 pub use float::Float;
+pub use hc::{HcBlock, HcConfig, HcParams};
+pub use mappings::Mappings;
+pub use residual::ResidualBlock;
 pub use sinkhorn::SinkhornKnopp;
+pub use streams::{Collapse, collapse, expand};
 
 /// The `rand` crate this crate is built against, re-exported so that callers pass an RNG of the
 /// same version.

@@ -263,16 +263,8 @@ impl SinkhornKnopp {
     ) -> Result<()> {
         let nn = n * n;
         let chunk = task_len(nn, self.iters) * nn;
-        let err = std::sync::Mutex::new(None);
-        par::zip_chunks(logits, chunk, out, chunk, |_, l, o| {
-            if let Err(e) = self.project_slices(n, l, o) {
-                *err.lock().unwrap() = Some(e);
-            }
-        });
-        match err.into_inner().unwrap() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let tasks: Vec<_> = logits.chunks(chunk).zip(out.chunks_mut(chunk)).collect();
+        par::try_for_each(tasks, |_, (l, o)| self.project_slices(n, l, o))
     }
 
     /// Projects the contiguous row-major matrices in `logits` into `out`, sequentially.
@@ -410,17 +402,12 @@ impl SinkhornKnopp {
     ) -> Result<()> {
         let nn = n * n;
         let chunk = task_len(nn, self.iters) * nn;
-        let err = std::sync::Mutex::new(None);
-        par::zip_chunks(logits, chunk, grad, chunk, |k, l, g| {
-            let u = &upstream[k * chunk..k * chunk + l.len()];
-            if let Err(e) = self.vjp_slices(n, l, u, g) {
-                *err.lock().unwrap() = Some(e);
-            }
-        });
-        match err.into_inner().unwrap() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let tasks: Vec<_> = logits
+            .chunks(chunk)
+            .zip(upstream.chunks(chunk))
+            .zip(grad.chunks_mut(chunk))
+            .collect();
+        par::try_for_each(tasks, |_, ((l, u), g)| self.vjp_slices(n, l, u, g))
     }
 
     /// Sequential VJP of contiguous matrices. Inputs already validated and finite.

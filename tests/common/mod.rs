@@ -55,3 +55,74 @@ pub fn assert_close(what: &str, got: &ArrayD<f64>, want: &ArrayD<f64>, tol: f64)
         "{what}: max error {err:e} > {tol:e} × {scale:e}\n got {got:?}\nwant {want:?}"
     );
 }
+
+use mhc::{Float, HcConfig, HcParams, MhcConfig, MhcParams, SinkhornKnopp};
+use ndarray::{Array1, Array2, Array3, ArrayView2, Ix1, Ix2, Ix3};
+
+pub fn a1<F: Float>(v: &Value) -> Array1<F> {
+    arr(v)
+        .into_dimensionality::<Ix1>()
+        .unwrap()
+        .mapv(F::from_f64)
+}
+pub fn a2<F: Float>(v: &Value) -> Array2<F> {
+    arr(v)
+        .into_dimensionality::<Ix2>()
+        .unwrap()
+        .mapv(F::from_f64)
+}
+pub fn a3<F: Float>(v: &Value) -> Array3<F> {
+    arr(v)
+        .into_dimensionality::<Ix3>()
+        .unwrap()
+        .mapv(F::from_f64)
+}
+pub fn alpha<F: Float>(v: &Value) -> [F; 3] {
+    let a = a1::<F>(v);
+    [a[0], a[1], a[2]]
+}
+pub fn dyn_f64<F: Float, D: ndarray::Dimension>(a: &ndarray::Array<F, D>) -> ArrayD<f64> {
+    a.mapv(F::as_f64).into_dyn()
+}
+
+/// An mHC block case of `mhc_block.json`: its config and params.
+pub fn mhc_case<F: Float>(c: &Value) -> (MhcConfig, MhcParams<F>) {
+    let n = c["n"].as_u64().unwrap() as usize;
+    let dim = c["c"].as_u64().unwrap() as usize;
+    let mut cfg = MhcConfig::new(n, dim);
+    cfg.rms_eps = c["rms_eps"].as_f64().unwrap();
+    cfg.pre_eps = c["pre_eps"].as_f64().unwrap();
+    cfg.sinkhorn = SinkhornKnopp {
+        iters: c["iters"].as_u64().unwrap() as usize,
+        eps: c["eps"].as_f64().unwrap(),
+    };
+    let params = MhcParams {
+        phi: a2(&c["phi"]),
+        alpha: alpha(&c["alpha"]),
+        bias: a1(&c["bias"]),
+    };
+    (cfg, params)
+}
+
+/// An HC block case of `hc_block.json`.
+pub fn hc_case<F: Float>(c: &Value) -> (HcConfig, HcParams<F>) {
+    let n = c["n"].as_u64().unwrap() as usize;
+    let dim = c["c"].as_u64().unwrap() as usize;
+    let mut cfg = HcConfig::new(n, dim);
+    cfg.rms_eps = c["rms_eps"].as_f64().unwrap();
+    let params = HcParams {
+        theta_pre: a1(&c["theta_pre"]),
+        theta_post: a1(&c["theta_post"]),
+        theta_res: a2(&c["theta_res"]),
+        alpha: alpha(&c["alpha"]),
+        b_pre: a1(&c["b_pre"]),
+        b_post: a1(&c["b_post"]),
+        b_res: a2(&c["b_res"]),
+    };
+    (cfg, params)
+}
+
+/// The reference sublayer `F(u) = tanh(u · W)`.
+pub fn tanh_layer<F: Float>(u: ArrayView2<F>, w: &Array2<F>) -> Array2<F> {
+    u.dot(w).mapv(|v| v.tanh())
+}

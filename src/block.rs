@@ -1,0 +1,467 @@
+//! The mHC block (paper Eq. 3, 7, 8): configuration, parameters, forward pass.
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::error::{Error, Result, checked_size};
+use crate::mappings::{self, Mappings, MhcKernel};
+use crate::mixing::{self, check_x};
+use crate::sinkhorn::{check_finite, check_same};
+use crate::{Float, SinkhornKnopp};
+
+/// The initial bias of an mHC block (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BiasInit {
+    /// All zeros: `H_pre = ½`, `H_post = 1`, `H_res = J/n` at initialisation (with φ ≈ 0). With
+    /// replicated input streams `x` the block computes `x + F((n/2)·x)` on every stream: exactly
+    /// a pre-norm residual connection `x + F(x)` when `F` starts with a (scale-invariant) norm.
+    #[default]
+    Zero,
+    /// `H_res ≈ I` (diagonal logits `ln(1000)`, so the diagonal holds ≈ 0.997),
+    /// `H_pre ≈ 1/n`, `H_post = 1`: each stream starts as its own residual path.
+    IdentityLike,
+}
+
+/// Configuration of an [`MhcBlock`].
+///
+/// # Examples
+///
+/// ```
+/// let mut cfg = mhc::MhcConfig::new(4, 1024);
+/// cfg.pre_eps = 1e-6; // DeepSeek-V4
+/// assert_eq!(cfg.sinkhorn.iters, 20);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct MhcConfig {
+    /// Number of streams `n` (the paper uses 4).
+    pub streams: usize,
+    /// Channels per stream `C` (the model width).
+    pub dim: usize,
+    /// The projector that makes `H_res` doubly stochastic.
+    pub sinkhorn: SinkhornKnopp,
+    /// Added to the mean square before the square root of the RMS norm (default `1e-6`); > 0.
+    pub rms_eps: f64,
+    /// Added to `H_pre` after the sigmoid (default 0; DeepSeek-V4 uses `1e-6`); ≥ 0.
+    pub pre_eps: f64,
+    /// Bias initialisation used by [`MhcBlock::new`].
+    pub bias_init: BiasInit,
+    /// Standard deviation of the normal initialisation of φ in [`MhcBlock::new`] (default 0.02).
+    pub phi_std: f64,
+    /// Initial `alpha` (pre, post, res) in [`MhcBlock::new`] (default 0.01 each, paper Table 5).
+    pub alpha_init: f64,
+}
+
+impl MhcConfig {
+    /// The paper's defaults for `streams` streams of `dim` channels (validated when a block is
+    /// made).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let cfg = mhc::MhcConfig::new(4, 64);
+    /// assert_eq!((cfg.streams, cfg.dim, cfg.rms_eps), (4, 64, 1e-6));
+    /// ```
+    pub fn new(streams: usize, dim: usize) -> Self {
+        MhcConfig {
+            streams,
+            dim,
+            sinkhorn: SinkhornKnopp::default(),
+            rms_eps: 1e-6,
+            pre_eps: 0.0,
+            bias_init: BiasInit::Zero,
+            phi_std: 0.02,
+            alpha_init: 0.01,
+        }
+    }
+
+    /// Number of mapping logits per token, `n² + 2n`.
+    pub fn mapping_width(&self) -> usize {
+        self.streams * self.streams + 2 * self.streams
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidDimension`] for `streams == 0` or `dim == 0`; [`Error::SizeOverflow`]
+    /// when `n·C·(n² + 2n)` overflows; [`Error::InvalidEpsilon`] for `rms_eps ≤ 0`, `pre_eps < 0`,
+    /// a bad `phi_std` or non-finite values; the errors of [`SinkhornKnopp::validate`].
+    pub fn validate(&self) -> Result<()> {
+        if self.streams == 0 {
+            return Err(Error::InvalidDimension {
+                what: "streams",
+                got: 0,
+            });
+        }
+        if self.dim == 0 {
+            return Err(Error::InvalidDimension {
+                what: "dim",
+                got: 0,
+            });
+        }
+        let m = self
+            .streams
+            .checked_mul(self.streams + 2)
+            .ok_or(Error::SizeOverflow { what: "phi" })?;
+        checked_size("phi", &[self.streams, self.dim, m])?;
+        self.sinkhorn.validate()?;
+        positive("rms_eps", self.rms_eps)?;
+        non_negative("pre_eps", self.pre_eps)?;
+        non_negative("phi_std", self.phi_std)?;
+        if !self.alpha_init.is_finite() {
+            return Err(Error::InvalidEpsilon {
+                what: "alpha_init",
+                expected: "finite",
+                got: self.alpha_init,
+            });
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn positive(what: &'static str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidEpsilon {
+            what,
+            expected: "finite and > 0",
+            got: v,
+        })
+    }
+}
+
+pub(crate) fn non_negative(what: &'static str, v: f64) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidEpsilon {
+            what,
+            expected: "finite and >= 0",
+            got: v,
+        })
+    }
+}
+
+/// The learned parameters of an [`MhcBlock`] (SPEC §3).
+///
+/// Columns of `phi` and entries of `bias` are ordered `[pre (n) | post (n) | res (n², row-major)]`,
+/// so `H̃_res[i][j]` sits at column `2n + i·n + j`. The RMSNorm gain is folded into `phi`.
+///
+/// # Shapes
+///
+/// - `phi`: `[n·C, n² + 2n]`
+/// - `alpha`: pre, post, res scales
+/// - `bias`: `[n² + 2n]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct MhcParams<F> {
+    /// φ: `[n·C, n² + 2n]`.
+    pub phi: Array2<F>,
+    /// α: (pre, post, res).
+    pub alpha: [F; 3],
+    /// b: `[n² + 2n]`.
+    pub bias: Array1<F>,
+}
+
+impl<F: Float> MhcParams<F> {
+    /// All-zero parameters of the right shapes (e.g. to accumulate gradients into).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = mhc::MhcParams::<f32>::zeros(4, 8);
+    /// assert_eq!(p.phi.shape(), &[32, 24]);
+    /// ```
+    pub fn zeros(streams: usize, dim: usize) -> Self {
+        let m = streams * streams + 2 * streams;
+        MhcParams {
+            phi: Array2::zeros((streams * dim, m)),
+            alpha: [F::zero(); 3],
+            bias: Array1::zeros(m),
+        }
+    }
+
+    /// The bias of `init` for `n` streams.
+    pub(crate) fn init_bias(init: BiasInit, n: usize) -> Array1<F> {
+        let mut b = Array1::zeros(n * n + 2 * n);
+        if init == BiasInit::IdentityLike {
+            // sigmoid(b) = 1/n  ⇔  b = ln(1/(n−1)); n = 1 takes H_pre ≈ 0.99.
+            let b_pre = if n > 1 { -((n - 1) as f64).ln() } else { 4.6 };
+            for j in 0..n {
+                b[j] = F::from_f64(b_pre);
+                b[2 * n + j * n + j] = F::from_f64(1000f64.ln());
+            }
+        }
+        b
+    }
+}
+
+/// An mHC block (paper Eq. 3, 7, 8): `n` residual streams read out into a sublayer and mixed by
+/// a per-token doubly-stochastic `H_res`.
+///
+/// The block never owns the sublayer: [`forward`](Self::forward) takes it as a closure, and the
+/// split [`read_out`](Self::read_out) / [`write_in`](Self::write_in) let any framework compute it
+/// in between.
+///
+/// # Examples
+///
+/// ```
+/// use mhc::{MhcBlock, MhcConfig, rand::{SeedableRng, rngs::StdRng}};
+/// use ndarray::Array3;
+///
+/// let block = MhcBlock::<f32>::new(MhcConfig::new(4, 8), &mut StdRng::seed_from_u64(0))?;
+/// let x = Array3::<f32>::ones((3, 4, 8));
+/// let out = block.forward(x.view(), |u| u.mapv(f32::tanh))?;
+/// assert_eq!(out.shape(), &[3, 4, 8]);
+/// # Ok::<(), mhc::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct MhcBlock<F> {
+    config: MhcConfig,
+    params: MhcParams<F>,
+}
+
+impl<F: Float> MhcBlock<F> {
+    /// A block with the paper's initialisation: `alpha = config.alpha_init` (0.01), φ drawn from
+    /// `N(0, phi_std²)` with `rng`, the bias from `config.bias_init`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`MhcConfig::validate`]; [`Error::AllocationFailed`] if φ does not fit.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// let b = mhc::MhcBlock::<f64>::new(mhc::MhcConfig::new(4, 16), &mut StdRng::seed_from_u64(7))?;
+    /// assert_eq!(b.params().alpha, [0.01; 3]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn new(config: MhcConfig, rng: &mut impl Rng) -> Result<Self> {
+        config.validate()?;
+        let (n, c, m) = (config.streams, config.dim, config.mapping_width());
+        let mut data = crate::error::try_zeroed::<F>("phi", n * c * m)?;
+        for v in data.iter_mut() {
+            let z: f64 = StandardNormal.sample(rng);
+            *v = F::from_f64(z * config.phi_std);
+        }
+        let params = MhcParams {
+            phi: Array2::from_shape_vec((n * c, m), data).expect("n·C × m"),
+            alpha: [F::from_f64(config.alpha_init); 3],
+            bias: MhcParams::init_bias(config.bias_init, n),
+        };
+        Self::from_params(config, params)
+    }
+
+    /// A block with the given parameters, shape-checked against `config`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`MhcConfig::validate`]; [`Error::ShapeMismatch`] if `phi` is not
+    /// `[n·C, n² + 2n]` or `bias` not `[n² + 2n]`; [`Error::NonFinite`] for a NaN or infinite
+    /// parameter (`index`: the flat position).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let params = mhc::MhcParams::<f32>::zeros(2, 3);
+    /// let block = mhc::MhcBlock::from_params(mhc::MhcConfig::new(2, 3), params)?;
+    /// assert_eq!(block.config().streams, 2);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn from_params(config: MhcConfig, params: MhcParams<F>) -> Result<Self> {
+        config.validate()?;
+        let (n, c, m) = (config.streams, config.dim, config.mapping_width());
+        check_same("phi", &[n * c, m], params.phi.shape())?;
+        check_same("bias", &[m], params.bias.shape())?;
+        let phi = params.phi.as_standard_layout().into_owned();
+        check_finite("phi", 1, phi.as_slice().expect("standard layout"))?;
+        check_finite("alpha", 1, &params.alpha)?;
+        check_finite("bias", 1, &params.bias.to_vec())?;
+        Ok(MhcBlock {
+            config,
+            params: MhcParams { phi, ..params },
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MhcConfig {
+        &self.config
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &MhcParams<F> {
+        &self.params
+    }
+
+    /// Replaces the parameters (e.g. after an optimiser step), shape-checked.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_params`](Self::from_params); on error the block is unchanged.
+    pub fn set_params(&mut self, params: MhcParams<F>) -> Result<()> {
+        *self = Self::from_params(self.config, params)?;
+        Ok(())
+    }
+
+    pub(crate) fn kernel(&self) -> MhcKernel<'_, F> {
+        MhcKernel {
+            n: self.config.streams,
+            c: self.config.dim,
+            phi: self
+                .params
+                .phi
+                .as_slice()
+                .expect("standard layout by construction"),
+            alpha: self.params.alpha,
+            bias: self
+                .params
+                .bias
+                .as_slice()
+                .expect("1-D arrays we built are contiguous"),
+            rms_eps: F::from_f64(self.config.rms_eps),
+            pre_eps: F::from_f64(self.config.pre_eps),
+            sinkhorn: self.config.sinkhorn,
+        }
+    }
+
+    /// The mappings `H_pre`, `H_post`, `H_res` of every token (Eq. 7–8).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`
+    /// - returns: `pre [T, n]`, `post [T, n]`, `res [T, n, n]`
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] if `x` is not `[T, n, C]`; [`Error::NonFinite`] naming the
+    /// first token of `x` holding a NaN or infinity.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let block = mhc::MhcBlock::<f64>::from_params(mhc::MhcConfig::new(4, 8), mhc::MhcParams::zeros(4, 8))?;
+    /// let maps = block.mappings(ndarray::Array3::ones((2, 4, 8)).view())?;
+    /// assert!(maps.res.iter().all(|&v| (v - 0.25).abs() < 1e-12)); // zero bias: J/n
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn mappings(&self, x: ArrayView3<F>) -> Result<Mappings<F>> {
+        mappings::mappings(&self.kernel(), x)
+    }
+
+    /// The read-out half of the block: the mappings and the sublayer input
+    /// `u_t = Σ_j H_pre[t][j] x_t[j]`, in one fused pass over `x`.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`
+    /// - returns: `u [T, C]` and the mappings
+    ///
+    /// # Errors
+    ///
+    /// As [`mappings`](Self::mappings).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let block = mhc::MhcBlock::<f32>::from_params(mhc::MhcConfig::new(2, 4), mhc::MhcParams::zeros(2, 4))?;
+    /// let x = Array3::ones((5, 2, 4));
+    /// let (u, maps) = block.read_out(x.view())?;
+    /// let y = u.mapv(|v| 2.0 * v);                       // any sublayer, any framework
+    /// let out = block.write_in(x.view(), &maps, y.view())?;
+    /// assert_eq!(out, block.forward(x.view(), |u| u.mapv(|v| 2.0 * v))?);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn read_out(&self, x: ArrayView3<F>) -> Result<(Array2<F>, Mappings<F>)> {
+        mappings::read_out(&self.kernel(), x)
+    }
+
+    /// [`read_out`](Self::read_out) into caller-provided buffers: `maps` is reused when it has
+    /// the right shapes (reallocated otherwise), `u` must be `[T, C]`.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `u`: `[T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`read_out`](Self::read_out), plus [`Error::ShapeMismatch`] for `u`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{Array2, Array3};
+    /// let block = mhc::MhcBlock::<f32>::from_params(mhc::MhcConfig::new(2, 4), mhc::MhcParams::zeros(2, 4))?;
+    /// let mut maps = mhc::Mappings::zeros(5, 2);
+    /// let mut u = Array2::zeros((5, 4));
+    /// block.read_out_into(Array3::ones((5, 2, 4)).view(), &mut maps, u.view_mut())?;
+    /// assert!(u.iter().all(|&v| v == 1.0)); // H_pre = ½ on two equal streams
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn read_out_into(
+        &self,
+        x: ArrayView3<F>,
+        maps: &mut Mappings<F>,
+        u: ArrayViewMut2<F>,
+    ) -> Result<()> {
+        mappings::read_out_into(&self.kernel(), x, maps, u)
+    }
+
+    /// The write-in half: `out_t[i] = Σ_j H_res[t][i][j] x_t[j] + H_post[t][i] y_t` (the same
+    /// kernel as [`mixing::write_in`]).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `y`: `[T, C]`; returns `[T, n, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`mixing::write_in`], plus [`Error::ShapeMismatch`] if `x` does not match the block.
+    ///
+    /// # Examples
+    ///
+    /// See [`read_out`](Self::read_out).
+    pub fn write_in(
+        &self,
+        x: ArrayView3<F>,
+        maps: &Mappings<F>,
+        y: ArrayView2<F>,
+    ) -> Result<Array3<F>> {
+        check_x(x.shape(), self.config.streams, self.config.dim)?;
+        mixing::write_in(x, maps, y)
+    }
+
+    /// Read-out, sublayer, write-in: the block's forward pass (Eq. 3).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; the sublayer maps `u: [T, C]` to `y: [T, C]`; returns `[T, n, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`read_out`](Self::read_out) and [`write_in`](Self::write_in); [`Error::ShapeMismatch`]
+    /// (`what: "sublayer output"`) if the sublayer returns another shape than `[T, C]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let block = mhc::MhcBlock::<f64>::from_params(mhc::MhcConfig::new(4, 2), mhc::MhcParams::zeros(4, 2))?;
+    /// let x = Array3::ones((1, 4, 2));
+    /// // Zero bias, replicated streams: out = x + F(2x) on every stream (H_pre = ½, n = 4).
+    /// let out = block.forward(x.view(), |u| u.mapv(|v| v * 3.0))?;
+    /// assert!(out.iter().all(|&v| (v - 7.0).abs() < 1e-12));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn forward(
+        &self,
+        x: ArrayView3<F>,
+        sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
+    ) -> Result<Array3<F>> {
+        mappings::forward(&self.kernel(), x, sublayer)
+    }
+}

@@ -1,0 +1,306 @@
+//! Read-out and write-in (paper Eq. 3), shared by mHC and HC: the two ways of computing the
+//! mappings feed one implementation of the mixing.
+//!
+//! - read-out: `u_t = Σ_j H_pre[t][j] · x_t[j]`, the sublayer's input;
+//! - write-in: `out_t[i] = Σ_j H_res[t][i][j] · x_t[j] + H_post[t][i] · y_t`.
+//!
+//! Both are memory-bound: one pass over each token's `n·C` values, the `n×n` weights in
+//! registers, the `C` loops vectorised by LLVM.
+
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
+
+use crate::error::{Error, Result};
+use crate::mappings::Mappings;
+use crate::sinkhorn::check_same;
+use crate::{Float, par};
+
+/// `true` when every value is finite (vectorisable: `v − v` is NaN exactly for NaN and ±∞).
+#[inline]
+pub(crate) fn all_finite<F: Float>(v: &[F]) -> bool {
+    let mut acc = F::zero();
+    for &x in v {
+        #[allow(clippy::eq_op)] // x − x is 0 for finite x and NaN otherwise: the point
+        {
+            acc += x - x;
+        }
+    }
+    acc == F::zero()
+}
+
+/// `u = Σ_j pre[j] · x[j]` for one token (`x`: `n·c`, `u`: `c`).
+#[inline]
+pub(crate) fn read_out_token<F: Float>(c: usize, x: &[F], pre: &[F], u: &mut [F]) {
+    let u = &mut u[..c];
+    let p0 = pre[0];
+    for (u, &x) in u.iter_mut().zip(&x[..c]) {
+        *u = p0 * x;
+    }
+    for (j, &p) in pre.iter().enumerate().skip(1) {
+        for (u, &x) in u.iter_mut().zip(&x[j * c..(j + 1) * c]) {
+            *u += p * x;
+        }
+    }
+}
+
+/// `out[i] = Σ_j res[i][j] · x[j] + post[i] · y` for one token.
+#[inline]
+pub(crate) fn write_in_token<F: Float>(
+    c: usize,
+    x: &[F],
+    post: &[F],
+    res: &[F],
+    y: &[F],
+    out: &mut [F],
+) {
+    let n = post.len();
+    let y = &y[..c];
+    for i in 0..n {
+        let o = &mut out[i * c..(i + 1) * c];
+        let p = post[i];
+        for (o, &y) in o.iter_mut().zip(y) {
+            *o = p * y;
+        }
+        for j in 0..n {
+            let r = res[i * n + j];
+            for (o, &x) in o.iter_mut().zip(&x[j * c..(j + 1) * c]) {
+                *o += r * x;
+            }
+        }
+    }
+}
+
+/// The error for a token whose result came out non-finite: the first named input that holds a
+/// NaN or infinity, else `result` (an overflow of finite values).
+pub(crate) fn blame<F: Float>(
+    t: usize,
+    inputs: &[(&'static str, &[F])],
+    result: &'static str,
+) -> Error {
+    let what = inputs
+        .iter()
+        .find(|(_, v)| !all_finite(v))
+        .map_or(result, |(w, _)| w);
+    Error::NonFinite { what, index: t }
+}
+
+/// Runs `f` on `view` as a contiguous slice, through a temporary when it is not contiguous.
+pub(crate) fn with_slice_mut<F: Float, D: ndarray::Dimension>(
+    mut view: ndarray::ArrayViewMut<F, D>,
+    f: impl FnOnce(&mut [F]) -> Result<()>,
+) -> Result<()> {
+    if let Some(s) = view.as_slice_mut() {
+        return f(s);
+    }
+    let mut tmp = view.as_standard_layout().into_owned();
+    f(tmp.as_slice_mut().expect("standard layout"))?;
+    view.assign(&tmp);
+    Ok(())
+}
+
+/// Checks `x: [T, n, C]` against the block's `n` and `C`.
+pub(crate) fn check_x(shape: &[usize], n: usize, c: usize) -> Result<()> {
+    check_same("x", &[shape[0], n, c], shape)
+}
+
+/// Eq. 3's read-out for given mappings: `u_t = Σ_j H_pre[t][j] · x_t[j]`.
+///
+/// Blocks compute the mappings and the read-out in one fused pass
+/// ([`MhcBlock::read_out`](crate::MhcBlock::read_out)); this function serves mappings that come
+/// from elsewhere.
+///
+/// # Shapes
+///
+/// - `x`: `[T, n, C]`; `pre`: `[T, n]`
+/// - returns `u`: `[T, C]`
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `pre` is not `[T, n]`; [`Error::NonFinite`] naming the first
+/// token whose `x` or `pre` holds a NaN or infinity.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::{Array2, Array3};
+/// let x = Array3::<f32>::ones((2, 4, 3));
+/// let pre = Array2::from_elem((2, 4), 0.25);
+/// let u = mhc::mixing::read_out(x.view(), pre.view())?;
+/// assert_eq!(u, Array2::ones((2, 3)));
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn read_out<F: Float>(x: ArrayView3<F>, pre: ArrayView2<F>) -> Result<Array2<F>> {
+    let (t, _, c) = x.dim();
+    let mut u = Array2::zeros((t, c));
+    read_out_into(x, pre, u.view_mut())?;
+    Ok(u)
+}
+
+/// [`read_out`] into a caller-provided `[T, C]` array.
+///
+/// # Shapes
+///
+/// - `x`: `[T, n, C]`; `pre`: `[T, n]`; `u`: `[T, C]`
+///
+/// # Errors
+///
+/// As [`read_out`], plus [`Error::ShapeMismatch`] for `u`.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::{Array2, Array3};
+/// let x = Array3::<f64>::ones((2, 2, 3));
+/// let mut u = Array2::zeros((2, 3));
+/// mhc::mixing::read_out_into(x.view(), Array2::ones((2, 2)).view(), u.view_mut())?;
+/// assert_eq!(u[[1, 2]], 2.0);
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn read_out_into<F: Float>(
+    x: ArrayView3<F>,
+    pre: ArrayView2<F>,
+    u: ArrayViewMut2<F>,
+) -> Result<()> {
+    let (t, n, c) = x.dim();
+    check_same("pre", &[t, n], pre.shape())?;
+    check_same("u", &[t, c], u.shape())?;
+    if t == 0 || c == 0 {
+        return Ok(());
+    }
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+    let pre = pre.as_standard_layout();
+    let pre = pre.as_slice().expect("standard layout");
+    with_slice_mut(u, |u| {
+        let tt = par::TASK_TOKENS;
+        let tasks: Vec<_> = u.chunks_mut(tt * c).collect();
+        par::try_for_each(tasks, |k, u| {
+            for (i, u) in u.chunks_mut(c).enumerate() {
+                let t = k * tt + i;
+                let (xt, pt) = (&x[t * n * c..(t + 1) * n * c], &pre[t * n..(t + 1) * n]);
+                read_out_token(c, xt, pt, u);
+                if !all_finite(u) {
+                    return Err(blame(t, &[("x", xt), ("pre", pt)], "u"));
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Eq. 3's write-in: `out_t[i] = Σ_j H_res[t][i][j] · x_t[j] + H_post[t][i] · y_t`.
+///
+/// # Shapes
+///
+/// - `x`: `[T, n, C]`; `maps`: `post [T, n]`, `res [T, n, n]` (`pre` is not read); `y`: `[T, C]`
+/// - returns `out`: `[T, n, C]`
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `y` is not `[T, C]` or the mappings are not `[T, n]` /
+/// `[T, n, n]`; [`Error::NonFinite`] naming the first token whose sublayer output `y` (or `x`,
+/// or mappings) holds a NaN or infinity.
+///
+/// # Examples
+///
+/// ```
+/// use mhc::Mappings;
+/// use ndarray::{Array2, Array3};
+/// let (t, n, c) = (3, 2, 4);
+/// let x = Array3::<f64>::ones((t, n, c));
+/// let maps = Mappings::identity(t, n);
+/// let y = Array2::from_elem((t, c), 0.5);
+/// let out = mhc::mixing::write_in(x.view(), &maps, y.view())?;
+/// assert!(out.iter().all(|&v| v == 1.5)); // identity mixing plus H_post = 1
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn write_in<F: Float>(
+    x: ArrayView3<F>,
+    maps: &Mappings<F>,
+    y: ArrayView2<F>,
+) -> Result<Array3<F>> {
+    let mut out = Array3::zeros(x.raw_dim());
+    write_in_into(x, maps, y, out.view_mut())?;
+    Ok(out)
+}
+
+/// [`write_in`] into a caller-provided `[T, n, C]` array.
+///
+/// # Shapes
+///
+/// - as [`write_in`]; `out`: `[T, n, C]`
+///
+/// # Errors
+///
+/// As [`write_in`], plus [`Error::ShapeMismatch`] for `out`.
+///
+/// # Examples
+///
+/// ```
+/// use mhc::Mappings;
+/// use ndarray::{Array2, Array3};
+/// let x = Array3::<f32>::ones((2, 4, 8));
+/// let mut out = Array3::zeros((2, 4, 8));
+/// mhc::mixing::write_in_into(x.view(), &Mappings::identity(2, 4), Array2::zeros((2, 8)).view(), out.view_mut())?;
+/// assert_eq!(out, x);
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn write_in_into<F: Float>(
+    x: ArrayView3<F>,
+    maps: &Mappings<F>,
+    y: ArrayView2<F>,
+    out: ArrayViewMut3<F>,
+) -> Result<()> {
+    let (t, n, c) = x.dim();
+    check_same("y", &[t, c], y.shape())?;
+    check_same("post", &[t, n], maps.post.shape())?;
+    check_same("res", &[t, n, n], maps.res.shape())?;
+    check_same("out", &[t, n, c], out.shape())?;
+    if t == 0 || c == 0 || n == 0 {
+        return Ok(());
+    }
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+    let y = y.as_standard_layout();
+    let y = y.as_slice().expect("standard layout");
+    let post = maps.post.as_standard_layout();
+    let post = post.as_slice().expect("standard layout");
+    let res = maps.res.as_standard_layout();
+    let res = res.as_slice().expect("standard layout");
+    with_slice_mut(out, |out| write_in_slices(n, c, 0, x, post, res, y, out))
+}
+
+/// The write-in over contiguous token-major slices, parallel over fixed chunks of tokens;
+/// `t0` is the index of the first token (for error messages).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_in_slices<F: Float>(
+    n: usize,
+    c: usize,
+    t0: usize,
+    x: &[F],
+    post: &[F],
+    res: &[F],
+    y: &[F],
+    out: &mut [F],
+) -> Result<()> {
+    let tt = par::TASK_TOKENS;
+    let tasks: Vec<_> = out.chunks_mut(tt * n * c).collect();
+    par::try_for_each(tasks, |k, out| {
+        for (i, o) in out.chunks_mut(n * c).enumerate() {
+            let t = k * tt + i;
+            let xt = &x[t * n * c..(t + 1) * n * c];
+            let (pt, rt) = (&post[t * n..(t + 1) * n], &res[t * n * n..(t + 1) * n * n]);
+            let yt = &y[t * c..(t + 1) * c];
+            write_in_token(c, xt, pt, rt, yt, o);
+            if !all_finite(o) {
+                let inputs = [
+                    ("sublayer output", yt),
+                    ("x", xt),
+                    ("post", pt),
+                    ("res", rt),
+                ];
+                return Err(blame(t0 + t, &inputs, "out"));
+            }
+        }
+        Ok(())
+    })
+}
