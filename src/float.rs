@@ -46,13 +46,15 @@ pub trait Float:
     fn from_usize(x: usize) -> Self {
         Self::from_f64(x as f64)
     }
-    /// `dst (+)= lhs · rhs` through faer, sequentially. Not part of the stable API.
+    /// `dst (+)= lhs · rhs` through faer, on rayon's pool when `parallel`. Not part of the
+    /// stable API.
     #[doc(hidden)]
     fn gemm(
         dst: faer::MatMut<'_, Self>,
         accumulate: bool,
         lhs: faer::MatRef<'_, Self>,
         rhs: faer::MatRef<'_, Self>,
+        parallel: bool,
     );
 }
 
@@ -73,13 +75,21 @@ macro_rules! impl_float {
                 accumulate: bool,
                 lhs: faer::MatRef<'_, Self>,
                 rhs: faer::MatRef<'_, Self>,
+                parallel: bool,
             ) {
                 let accum = if accumulate {
                     faer::Accum::Add
                 } else {
                     faer::Accum::Replace
                 };
-                faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0, faer::Par::Seq);
+                faer::linalg::matmul::matmul(
+                    dst,
+                    accum,
+                    lhs,
+                    rhs,
+                    1.0,
+                    crate::linalg::par(parallel),
+                );
             }
         }
     };

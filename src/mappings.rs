@@ -115,6 +115,7 @@ pub(crate) fn gemm<F: Float>(rows: usize, k: usize, m: usize, lhs: &[F], rhs: &[
         false,
         faer::MatRef::from_row_major_slice(&lhs[..rows * k], rows, k),
         faer::MatRef::from_row_major_slice(&rhs[..k * m], k, m),
+        false,
     );
 }
 
