@@ -4,6 +4,7 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::backward::{self, RawGrads, Tape};
 use crate::error::{Error, Result, checked_size};
 use crate::mappings::{self, Mappings, MhcKernel};
 use crate::mixing::{self, check_x};
@@ -463,5 +464,151 @@ impl<F: Float> MhcBlock<F> {
         sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
     ) -> Result<Array3<F>> {
         mappings::forward(&self.kernel(), x, sublayer)
+    }
+
+    /// [`forward`](Self::forward) for training: also returns the sublayer output `y`, which the
+    /// backward pass needs besides `x` (the paper's recompute strategy, §4.3.2: nothing else is
+    /// kept).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; returns `out: [T, n, C]` and `y: [T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Examples
+    ///
+    /// See [`backward`](Self::backward).
+    pub fn forward_train(
+        &self,
+        x: ArrayView3<F>,
+        sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
+    ) -> Result<(Array3<F>, Array2<F>)> {
+        backward::forward_train(&self.kernel(), x, sublayer)
+    }
+
+    /// The backward pass: from the block input `x`, the saved sublayer output `y` and the
+    /// gradient `upstream = ∂out`, returns `∂x` and the gradients of every parameter.
+    ///
+    /// The mappings and `u` are recomputed from `x`; the sublayer is not called again: its
+    /// VJP `(u, ∂y) → ∂u` is called once. To drive the sublayer's backward yourself (another
+    /// framework, your own autodiff), call the halves [`write_in_backward`](Self::write_in_backward)
+    /// and [`read_out_backward`](Self::read_out_backward) instead.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `upstream`: `[T, n, C]`; `y`: `[T, C]`; the VJP maps `([T, C], [T, C])` to `[T, C]`
+    /// - returns `∂x: [T, n, C]` and gradients shaped like [`MhcParams`]
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] for `x`, `y` (`"y"`), `upstream` (`"upstream"`) or a VJP result
+    /// of the wrong shape (`"sublayer vjp output"`); [`Error::NonFinite`] naming the first token
+    /// whose `x`, `y`, `upstream` or `∂u` holds a NaN or infinity.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use ndarray::Array3;
+    /// let block = mhc::MhcBlock::<f64>::new(mhc::MhcConfig::new(4, 8), &mut StdRng::seed_from_u64(0))?;
+    /// let x = Array3::from_shape_fn((3, 4, 8), |(t, i, c)| ((t + 2 * i + 3 * c) as f64).sin());
+    /// let (out, y) = block.forward_train(x.view(), |u| u.mapv(f64::tanh))?;
+    /// // Loss = Σ out: upstream gradient of ones. The sublayer's VJP: ∂u = ∂y ⊙ (1 − tanh²(u)).
+    /// let (dx, grads) = block.backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view(), |u, dy| {
+    ///     &dy * &u.mapv(|v| 1.0 - v.tanh().powi(2))
+    /// })?;
+    /// assert_eq!(dx.shape(), x.shape());
+    /// assert_eq!(grads.phi.shape(), block.params().phi.shape());
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn backward(
+        &self,
+        x: ArrayView3<F>,
+        y: ArrayView2<F>,
+        upstream: ArrayView3<F>,
+        sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+    ) -> Result<(Array3<F>, MhcParams<F>)> {
+        let g = backward::backward(&self.kernel(), x, y, upstream, sublayer_vjp)?;
+        Ok(self.params_grad(g))
+    }
+
+    /// The write-in half of the backward pass: recomputes the mappings and `u` from `x`, and
+    /// returns a [`Tape`] holding `u` and `∂y` for the sublayer's VJP.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `upstream`: `[T, n, C]`; `y`: `[T, C]`; the tape's `u`, `dy`: `[T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`backward`](Self::backward).
+    ///
+    /// # Examples
+    ///
+    /// The flow when the sublayer's backward lives elsewhere:
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use ndarray::Array3;
+    /// let block = mhc::MhcBlock::<f32>::new(mhc::MhcConfig::new(2, 4), &mut StdRng::seed_from_u64(0))?;
+    /// let x = Array3::from_elem((5, 2, 4), 0.5f32);
+    /// let (out, y) = block.forward_train(x.view(), |u| u.mapv(|v| 3.0 * v))?;
+    /// let tape = block.write_in_backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view())?;
+    /// let du = tape.dy.mapv(|g| 3.0 * g); // the sublayer's VJP, computed by anything
+    /// let (dx, grads) = block.read_out_backward(x.view(), tape, du.view())?;
+    /// assert_eq!(dx.shape(), &[5, 2, 4]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn write_in_backward(
+        &self,
+        x: ArrayView3<F>,
+        y: ArrayView2<F>,
+        upstream: ArrayView3<F>,
+    ) -> Result<Tape<F>> {
+        backward::write_in_backward(&self.kernel(), x, y, upstream)
+    }
+
+    /// The read-out half of the backward pass: from the tape and `∂u`, returns `∂x` and the
+    /// parameters' gradients.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `du`: `[T, C]`; returns `∂x: [T, n, C]` and [`MhcParams`]-shaped
+    ///   gradients
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] if `x`, the tape or `du` (`"sublayer vjp output"`) do not
+    /// match; [`Error::NonFinite`] for a non-finite `∂u`.
+    ///
+    /// # Examples
+    ///
+    /// See [`write_in_backward`](Self::write_in_backward).
+    pub fn read_out_backward(
+        &self,
+        x: ArrayView3<F>,
+        tape: Tape<F>,
+        du: ArrayView2<F>,
+    ) -> Result<(Array3<F>, MhcParams<F>)> {
+        let g = backward::read_out_backward(&self.kernel(), x, tape, du)?;
+        Ok(self.params_grad(g))
+    }
+
+    fn params_grad(&self, g: RawGrads<F>) -> (Array3<F>, MhcParams<F>) {
+        let (n, c, m) = (
+            self.config.streams,
+            self.config.dim,
+            self.config.mapping_width(),
+        );
+        let RawGrads { dx, dw, acc } = g;
+        let params = MhcParams {
+            phi: Array2::from_shape_vec((n * c, m), dw).expect("[n·C, m]"),
+            alpha: [acc[0], acc[1], acc[2]],
+            bias: Array1::from(acc[3..].to_vec()),
+        };
+        (dx, params)
     }
 }

@@ -4,6 +4,7 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2};
 
 use crate::Float;
+use crate::backward::{self, RawGrads, Tape};
 use crate::block::positive;
 use crate::error::{Error, Result, checked_size};
 use crate::mappings::{self, HcKernel, Mappings};
@@ -380,5 +381,135 @@ impl<F: Float> HcBlock<F> {
         sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
     ) -> Result<Array3<F>> {
         mappings::forward(&self.kernel(), x, sublayer)
+    }
+
+    /// [`forward`](Self::forward) that also returns the sublayer output `y` for
+    /// [`backward`](Self::backward).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; returns `out: [T, n, C]`, `y: [T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Examples
+    ///
+    /// See [`backward`](Self::backward).
+    pub fn forward_train(
+        &self,
+        x: ArrayView3<F>,
+        sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
+    ) -> Result<(Array3<F>, Array2<F>)> {
+        backward::forward_train(&self.kernel(), x, sublayer)
+    }
+
+    /// The backward pass (the same flow as [`MhcBlock::backward`](crate::MhcBlock::backward)):
+    /// `∂x` and the gradients of every parameter, calling the sublayer VJP once.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `upstream`: `[T, n, C]`; `y`: `[T, C]`; returns `∂x` and [`HcParams`]-shaped
+    ///   gradients
+    ///
+    /// # Errors
+    ///
+    /// As [`MhcBlock::backward`](crate::MhcBlock::backward).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let block = mhc::HcBlock::<f64>::new(mhc::HcConfig::new(2, 4))?;
+    /// let x = Array3::from_shape_fn((3, 2, 4), |(t, i, c)| (t + i + c) as f64 * 0.1);
+    /// let (out, y) = block.forward_train(x.view(), |u| u.to_owned())?;
+    /// let (dx, g) = block.backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view(), |_u, dy| dy.to_owned())?;
+    /// assert_eq!(g.theta_res.shape(), &[2, 4]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn backward(
+        &self,
+        x: ArrayView3<F>,
+        y: ArrayView2<F>,
+        upstream: ArrayView3<F>,
+        sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+    ) -> Result<(Array3<F>, HcParams<F>)> {
+        let g = backward::backward(&self.kernel(), x, y, upstream, sublayer_vjp)?;
+        Ok(self.params_grad(g))
+    }
+
+    /// The write-in half of the backward pass (see
+    /// [`MhcBlock::write_in_backward`](crate::MhcBlock::write_in_backward)).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `upstream`: `[T, n, C]`; `y`: `[T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`backward`](Self::backward).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let block = mhc::HcBlock::<f32>::new(mhc::HcConfig::new(2, 4))?;
+    /// let x = Array3::from_elem((2, 2, 4), 1.0f32);
+    /// let (out, y) = block.forward_train(x.view(), |u| u.to_owned())?;
+    /// let tape = block.write_in_backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view())?;
+    /// let (dx, _) = block.read_out_backward(x.view(), tape.clone(), tape.dy.view())?;
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn write_in_backward(
+        &self,
+        x: ArrayView3<F>,
+        y: ArrayView2<F>,
+        upstream: ArrayView3<F>,
+    ) -> Result<Tape<F>> {
+        backward::write_in_backward(&self.kernel(), x, y, upstream)
+    }
+
+    /// The read-out half of the backward pass.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `du`: `[T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`MhcBlock::read_out_backward`](crate::MhcBlock::read_out_backward).
+    ///
+    /// # Examples
+    ///
+    /// See [`write_in_backward`](Self::write_in_backward).
+    pub fn read_out_backward(
+        &self,
+        x: ArrayView3<F>,
+        tape: Tape<F>,
+        du: ArrayView2<F>,
+    ) -> Result<(Array3<F>, HcParams<F>)> {
+        let g = backward::read_out_backward(&self.kernel(), x, tape, du)?;
+        Ok(self.params_grad(g))
+    }
+
+    fn params_grad(&self, g: RawGrads<F>) -> (Array3<F>, HcParams<F>) {
+        let (n, c) = (self.config.streams, self.config.dim);
+        let RawGrads { dx, dw, acc } = g;
+        let dtheta = Array2::from_shape_vec((c, n + 2), dw).expect("[C, n + 2]");
+        let params = HcParams {
+            theta_pre: dtheta.column(0).to_owned(),
+            theta_post: dtheta.column(1).to_owned(),
+            theta_res: dtheta
+                .slice(ndarray::s![.., 2..])
+                .t()
+                .as_standard_layout()
+                .into_owned(),
+            alpha: [acc[0], acc[1], acc[2]],
+            b_pre: Array1::from(acc[3..3 + n].to_vec()),
+            b_post: Array1::from(acc[3 + n..3 + 2 * n].to_vec()),
+            b_res: Array2::from_shape_vec((n, n), acc[3 + 2 * n..].to_vec()).expect("[n, n]"),
+        };
+        (dx, params)
     }
 }

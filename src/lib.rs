@@ -19,6 +19,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![doc(test(attr(deny(warnings))))]
 
+mod backward;
 mod block;
 pub mod error;
 mod float;
@@ -32,6 +33,7 @@ mod residual;
 pub mod sinkhorn;
 pub mod streams;
 
+pub use backward::Tape;
 pub use block::{BiasInit, MhcBlock, MhcConfig, MhcParams};
 pub use error::{Error, Result};
 pub use float::Float;

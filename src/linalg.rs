@@ -15,12 +15,12 @@ pub(crate) fn par(parallel: bool) -> faer::Par {
 }
 
 /// A faer view of `a` when it is row- or column-major contiguous.
-fn as_faer<'a, F: Float>(a: &ArrayView2<'a, F>) -> Option<faer::MatRef<'a, F>> {
+fn as_faer<'a, F: Float>(a: ArrayView2<'a, F>) -> Option<faer::MatRef<'a, F>> {
     let (r, c) = a.dim();
     if let Some(s) = a.to_slice() {
         return Some(faer::MatRef::from_row_major_slice(s, r, c));
     }
-    let t = a.clone().reversed_axes();
+    let t = a.reversed_axes();
     t.to_slice()
         .map(|s| faer::MatRef::from_row_major_slice(s, c, r).transpose())
 }
@@ -39,7 +39,7 @@ pub(crate) fn matmul_into<F: Float>(
         (a.nrows(), b.ncols(), b.nrows())
     );
     let (ao, bo);
-    let fa = match as_faer(&a) {
+    let fa = match as_faer(a) {
         Some(f) => f,
         None => {
             ao = a.as_standard_layout().into_owned();
@@ -50,7 +50,7 @@ pub(crate) fn matmul_into<F: Float>(
             )
         }
     };
-    let fb = match as_faer(&b) {
+    let fb = match as_faer(b) {
         Some(f) => f,
         None => {
             bo = b.as_standard_layout().into_owned();

@@ -108,7 +108,8 @@ pub(crate) fn sigmoid<F: Float>(z: F) -> F {
     F::one() / (F::one() + (-z).exp())
 }
 
-/// `dst[rows, m] = lhs[rows, k] · rhs[k, m]`, all row-major and contiguous, through faer.
+/// `dst[rows, m] (+)= lhs[rows, k] · rhs[k, m]`, all row-major and contiguous, through faer,
+/// sequentially (callers parallelise over fixed chunks).
 pub(crate) fn gemm<F: Float>(rows: usize, k: usize, m: usize, lhs: &[F], rhs: &[F], dst: &mut [F]) {
     F::gemm(
         faer::MatMut::from_row_major_slice_mut(&mut dst[..rows * m], rows, m),
@@ -143,6 +144,50 @@ pub(crate) fn rms<F: Float>(v: &[F], eps: F) -> Option<F> {
     Some(s * (ss / len + eps / (s * s)).sqrt())
 }
 
+/// A way of computing the mappings from RMS-normalised projections of the tokens: mHC's (one
+/// row of `n·C` per token, `m = n² + 2n` projections) or HC's (one row of `C` per stream,
+/// `m = n + 2`). Everything else (the projection `x·W` through faer, the RMS normalisation,
+/// the read-out and write-in, their backward passes, chunking and parallelism) is shared.
+pub(crate) trait MappingKernel<F: Float>: Sync {
+    /// `(n, C)`.
+    fn dims(&self) -> (usize, usize);
+    /// RMS-normalised rows per token (1 for mHC, `n` for HC).
+    fn rows_per_token(&self) -> usize;
+    /// `W`: `[K, m]` row-major, `K = n·C / rows_per_token`.
+    fn weight(&self) -> &[F];
+    /// `m`, the projections per row.
+    fn width(&self) -> usize;
+    /// The RMS epsilon.
+    fn rms_eps(&self) -> F;
+    /// Length of the accumulator of the small parameters' gradients ([`Self::grads`]).
+    fn acc_len(&self) -> usize;
+    /// From the normalised projections `args` (`[tc·rows, m]`) of `tc` tokens (token `t0`
+    /// first), the mappings `pre`, `post` (`[tc, n]`) and `res` (`[tc, n, n]`).
+    fn maps(
+        &self,
+        t0: usize,
+        args: &[F],
+        pre: &mut [F],
+        post: &mut [F],
+        res: &mut [F],
+    ) -> Result<()>;
+    /// The backward of [`Self::maps`]: from `args`, the mappings and their gradients, the
+    /// gradient with respect to `args` (`dargs`, overwritten) and the small parameters'
+    /// gradients (added to `acc`).
+    #[allow(clippy::too_many_arguments)]
+    fn grads(
+        &self,
+        args: &[F],
+        pre: &[F],
+        post: &[F],
+        dpre: &[F],
+        dpost: &[F],
+        dres: &[F],
+        dargs: &mut [F],
+        acc: &mut [F],
+    ) -> Result<()>;
+}
+
 /// Per-call constants of the mHC mappings (Eq. 7–8).
 pub(crate) struct MhcKernel<'a, F> {
     pub n: usize,
@@ -156,112 +201,106 @@ pub(crate) struct MhcKernel<'a, F> {
     pub sinkhorn: SinkhornKnopp,
 }
 
-/// Scratch of one task of the mHC kernels, sized for [`SUB_TOKENS`] tokens.
-pub(crate) struct MhcScratch<F> {
-    /// Raw projections `x_t · φ`, then (per token) the normalised `h = x_t·φ / r`.
-    pub h: Vec<F>,
-    /// `H_res` logits.
-    pub logits: Vec<F>,
-    /// `1 / r` per token.
-    pub inv_r: Vec<F>,
-}
-
-impl<'a, F: Float> MhcKernel<'a, F> {
-    /// `n² + 2n`.
-    pub fn m(&self) -> usize {
-        self.n * self.n + 2 * self.n
-    }
-
-    pub fn scratch(&self) -> Result<MhcScratch<F>> {
-        Ok(MhcScratch {
-            h: try_zeroed("mhc scratch", SUB_TOKENS * self.m())?,
-            logits: try_zeroed("mhc scratch", SUB_TOKENS * self.n * self.n)?,
-            inv_r: try_zeroed("mhc scratch", SUB_TOKENS)?,
-        })
-    }
-
-    /// For the `tc ≤ SUB_TOKENS` tokens in `x` (token `t0` first): `h` normalised, `1/r`, and
-    /// the `H_res` logits in the scratch; `H_pre`, `H_post` into `pre`, `post`.
-    pub fn logits(
-        &self,
-        t0: usize,
-        x: &[F],
-        pre: &mut [F],
-        post: &mut [F],
-        s: &mut MhcScratch<F>,
-    ) -> Result<()> {
-        let (n, nc, m) = (self.n, self.n * self.c, self.m());
-        let tc = x.len() / nc;
-        gemm(tc, nc, m, x, self.phi, &mut s.h);
-        for t in 0..tc {
-            let xt = &x[t * nc..(t + 1) * nc];
-            let r = rms(xt, self.rms_eps).ok_or(Error::NonFinite {
-                what: "x",
-                index: t0 + t,
-            })?;
-            let inv = F::one() / r;
-            s.inv_r[t] = inv;
-            let h = &mut s.h[t * m..(t + 1) * m];
-            for v in h.iter_mut() {
-                *v *= inv;
-            }
-            let [a_pre, a_post, a_res] = self.alpha;
-            for j in 0..n {
-                pre[t * n + j] = sigmoid(a_pre * h[j] + self.bias[j]) + self.pre_eps;
-                post[t * n + j] = F::from_f64(2.0) * sigmoid(a_post * h[n + j] + self.bias[n + j]);
-            }
-            let lg = &mut s.logits[t * n * n..(t + 1) * n * n];
-            for (k, l) in lg.iter_mut().enumerate() {
-                *l = a_res * h[2 * n + k] + self.bias[2 * n + k];
-            }
-            if !all_finite(lg) || !all_finite(&h[..2 * n]) {
-                return Err(Error::NonFinite {
-                    what: "mapping logits (overflow)",
-                    index: t0 + t,
-                });
+impl<F: Float> MhcKernel<'_, F> {
+    /// The `H_res` logits `α_res · h_res + b_res` of the tokens whose `h` is in `args`.
+    fn res_logits(&self, args: &[F]) -> Vec<F> {
+        let (n, m) = (self.n, self.width());
+        let mut lg = Vec::with_capacity(args.len() / m * n * n);
+        for h in args.chunks(m) {
+            for (k, &v) in h[2 * n..].iter().enumerate() {
+                lg.push(self.alpha[2] * v + self.bias[2 * n + k]);
             }
         }
-        Ok(())
+        lg
+    }
+}
+
+impl<F: Float> MappingKernel<F> for MhcKernel<'_, F> {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.c)
+    }
+    fn rows_per_token(&self) -> usize {
+        1
+    }
+    fn weight(&self) -> &[F] {
+        self.phi
+    }
+    fn width(&self) -> usize {
+        self.n * self.n + 2 * self.n
+    }
+    fn rms_eps(&self) -> F {
+        self.rms_eps
+    }
+    fn acc_len(&self) -> usize {
+        3 + self.width()
     }
 
-    /// The mappings (and, with `u`, the read-out) of the tokens in `x`, a task's worth,
-    /// processed [`SUB_TOKENS`] at a time so that each token is read from DRAM once.
-    pub fn run(
+    fn maps(
         &self,
         t0: usize,
-        x: &[F],
+        args: &[F],
         pre: &mut [F],
         post: &mut [F],
         res: &mut [F],
-        mut u: Option<&mut [F]>,
     ) -> Result<()> {
-        let (n, c, nc) = (self.n, self.c, self.n * self.c);
-        let mut s = self.scratch()?;
-        let sub = SUB_TOKENS;
-        for (k, xs) in x.chunks(sub * nc).enumerate() {
-            let tc = xs.len() / nc;
-            let (a, b) = (k * sub, k * sub + tc);
-            self.logits(
-                t0 + a,
-                xs,
-                &mut pre[a * n..b * n],
-                &mut post[a * n..b * n],
-                &mut s,
-            )?;
-            self.sinkhorn.project_slices(
-                n,
-                &s.logits[..tc * n * n],
-                &mut res[a * n * n..b * n * n],
-            )?;
-            if let Some(u) = u.as_deref_mut() {
-                for t in a..b {
-                    read_out_token(
-                        c,
-                        &x[t * nc..(t + 1) * nc],
-                        &pre[t * n..(t + 1) * n],
-                        &mut u[t * c..(t + 1) * c],
-                    );
-                }
+        let (n, m) = (self.n, self.width());
+        let [a_pre, a_post, _] = self.alpha;
+        let two = F::from_f64(2.0);
+        for (t, h) in args.chunks(m).enumerate() {
+            for j in 0..n {
+                pre[t * n + j] = sigmoid(a_pre * h[j] + self.bias[j]) + self.pre_eps;
+                post[t * n + j] = two * sigmoid(a_post * h[n + j] + self.bias[n + j]);
+            }
+        }
+        let lg = self.res_logits(args);
+        if let Some(p) = lg.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "mapping logits (overflow)",
+                index: t0 + p / (n * n),
+            });
+        }
+        self.sinkhorn.project_slices(n, &lg, &mut res[..lg.len()])
+    }
+
+    fn grads(
+        &self,
+        args: &[F],
+        pre: &[F],
+        post: &[F],
+        dpre: &[F],
+        dpost: &[F],
+        dres: &[F],
+        dargs: &mut [F],
+        acc: &mut [F],
+    ) -> Result<()> {
+        let (n, m) = (self.n, self.width());
+        let nn = n * n;
+        let lg = self.res_logits(args);
+        let mut dlg = vec![F::zero(); lg.len()];
+        self.sinkhorn
+            .vjp_slices(n, &lg, &dres[..lg.len()], &mut dlg)?;
+        let (one, half) = (F::one(), F::from_f64(0.5));
+        let (dalpha, dbias) = acc.split_at_mut(3);
+        for (t, h) in args.chunks(m).enumerate() {
+            let da = &mut dargs[t * m..(t + 1) * m];
+            for j in 0..n {
+                // H_pre = σ(z) + pre_eps, H_post = 2σ(z): σ' = σ(1 − σ).
+                let s = pre[t * n + j] - self.pre_eps;
+                let dz = dpre[t * n + j] * s * (one - s);
+                dalpha[0] += dz * h[j];
+                dbias[j] += dz;
+                da[j] = self.alpha[0] * dz;
+                let s = post[t * n + j] * half;
+                let dz = dpost[t * n + j] * (s + s) * (one - s);
+                dalpha[1] += dz * h[n + j];
+                dbias[n + j] += dz;
+                da[n + j] = self.alpha[1] * dz;
+            }
+            for k in 0..nn {
+                let dz = dlg[t * nn + k];
+                dalpha[2] += dz * h[2 * n + k];
+                dbias[2 * n + k] += dz;
+                da[2 * n + k] = self.alpha[2] * dz;
             }
         }
         Ok(())
@@ -281,47 +320,87 @@ pub(crate) struct HcKernel<'a, F> {
     pub rms_eps: F,
 }
 
-impl<'a, F: Float> HcKernel<'a, F> {
-    /// The mappings (and, with `u`, the read-out) of the tokens in `x`.
-    pub fn run(
+impl<F: Float> MappingKernel<F> for HcKernel<'_, F> {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.c)
+    }
+    fn rows_per_token(&self) -> usize {
+        self.n
+    }
+    fn weight(&self) -> &[F] {
+        self.theta
+    }
+    fn width(&self) -> usize {
+        self.n + 2
+    }
+    fn rms_eps(&self) -> F {
+        self.rms_eps
+    }
+    fn acc_len(&self) -> usize {
+        3 + 2 * self.n + self.n * self.n
+    }
+
+    fn maps(
         &self,
-        t0: usize,
-        x: &[F],
+        _t0: usize,
+        args: &[F],
         pre: &mut [F],
         post: &mut [F],
         res: &mut [F],
-        mut u: Option<&mut [F]>,
     ) -> Result<()> {
-        let (n, c, nc, m) = (self.n, self.c, self.n * self.c, self.n + 2);
-        let sub = SUB_TOKENS;
-        let mut d = try_zeroed("hc scratch", sub * n * m)?;
+        let (n, m) = (self.n, self.width());
         let [a_pre, a_post, a_res] = self.alpha;
-        for (k, xs) in x.chunks(sub * nc).enumerate() {
-            let tc = xs.len() / nc;
-            gemm(tc * n, c, m, xs, self.theta, &mut d);
-            for tl in 0..tc {
-                let t = k * sub + tl;
-                for j in 0..n {
-                    let xj = &xs[(tl * n + j) * c..(tl * n + j + 1) * c];
-                    let r = rms(xj, self.rms_eps).ok_or(Error::NonFinite {
-                        what: "x",
-                        index: t0 + t,
-                    })?;
-                    let dj = &d[(tl * n + j) * m..(tl * n + j + 1) * m];
-                    pre[t * n + j] = a_pre * (dj[0] / r).tanh() + self.b_pre[j];
-                    post[t * n + j] = a_post * (dj[1] / r).tanh() + self.b_post[j];
-                    for i in 0..n {
-                        res[(t * n + i) * n + j] =
-                            a_res * (dj[2 + i] / r).tanh() + self.b_res[i * n + j];
-                    }
+        for (t, a) in args.chunks(m * n).enumerate() {
+            for j in 0..n {
+                let aj = &a[j * m..(j + 1) * m];
+                pre[t * n + j] = a_pre * aj[0].tanh() + self.b_pre[j];
+                post[t * n + j] = a_post * aj[1].tanh() + self.b_post[j];
+                for i in 0..n {
+                    res[(t * n + i) * n + j] = a_res * aj[2 + i].tanh() + self.b_res[i * n + j];
                 }
-                if let Some(u) = u.as_deref_mut() {
-                    read_out_token(
-                        c,
-                        &x[t * nc..(t + 1) * nc],
-                        &pre[t * n..(t + 1) * n],
-                        &mut u[t * c..(t + 1) * c],
-                    );
+            }
+        }
+        Ok(())
+    }
+
+    fn grads(
+        &self,
+        args: &[F],
+        _pre: &[F],
+        _post: &[F],
+        dpre: &[F],
+        dpost: &[F],
+        dres: &[F],
+        dargs: &mut [F],
+        acc: &mut [F],
+    ) -> Result<()> {
+        let (n, m) = (self.n, self.width());
+        let (dalpha, rest) = acc.split_at_mut(3);
+        let (db_pre, rest) = rest.split_at_mut(n);
+        let (db_post, db_res) = rest.split_at_mut(n);
+        let one = F::one();
+        // d/da [α tanh(a) + b] = α (1 − tanh²(a)).
+        let mut term = |slot: usize, g: F, a: F, da: &mut F| {
+            let th = a.tanh();
+            dalpha[slot] += g * th;
+            *da = self.alpha[slot] * g * (one - th * th);
+        };
+        for (t, a) in args.chunks(m * n).enumerate() {
+            for j in 0..n {
+                let (aj, dj) = (
+                    &a[j * m..(j + 1) * m],
+                    &mut dargs[(t * n + j) * m..(t * n + j + 1) * m],
+                );
+                let g = dpre[t * n + j];
+                db_pre[j] += g;
+                term(0, g, aj[0], &mut dj[0]);
+                let g = dpost[t * n + j];
+                db_post[j] += g;
+                term(1, g, aj[1], &mut dj[1]);
+                for i in 0..n {
+                    let g = dres[(t * n + i) * n + j];
+                    db_res[i * n + j] += g;
+                    term(2, g, aj[2 + i], &mut dj[2 + i]);
                 }
             }
         }
@@ -329,55 +408,96 @@ impl<'a, F: Float> HcKernel<'a, F> {
     }
 }
 
-/// A way of computing the mappings (and the fused read-out) of a task's tokens: mHC's or HC's.
-/// The generic drivers below give both blocks the same validation, chunking and parallelism.
-pub(crate) trait MappingKernel<F: Float>: Sync {
-    /// `(n, C)`.
-    fn dims(&self) -> (usize, usize);
-    /// Mappings of the tokens in `x` (token `t0` first) and, with `u`, the read-out.
-    fn run(
-        &self,
-        t0: usize,
-        x: &[F],
-        pre: &mut [F],
-        post: &mut [F],
-        res: &mut [F],
-        u: Option<&mut [F]>,
-    ) -> Result<()>;
+/// Scratch of one task: projections, normalised projections and `1/r` for [`SUB_TOKENS`]
+/// tokens.
+pub(crate) struct Scratch<F> {
+    pub args: Vec<F>,
+    pub inv_r: Vec<F>,
 }
 
-impl<F: Float> MappingKernel<F> for MhcKernel<'_, F> {
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.c)
-    }
-    fn run(
-        &self,
-        t0: usize,
-        x: &[F],
-        pre: &mut [F],
-        post: &mut [F],
-        res: &mut [F],
-        u: Option<&mut [F]>,
-    ) -> Result<()> {
-        MhcKernel::run(self, t0, x, pre, post, res, u)
+impl<F: Float> Scratch<F> {
+    pub fn new(k: &impl MappingKernel<F>) -> Result<Self> {
+        let rows = SUB_TOKENS * k.rows_per_token();
+        Ok(Scratch {
+            args: try_zeroed("mapping scratch", rows * k.width())?,
+            inv_r: try_zeroed("mapping scratch", rows)?,
+        })
     }
 }
 
-impl<F: Float> MappingKernel<F> for HcKernel<'_, F> {
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.c)
+/// For the `tc` tokens in `x` (token `t0` first): the projections `x·W`, the RMS of each row,
+/// the normalised projections (`args`, `[tc·rows, m]`) and `1/r` (`inv_r`).
+pub(crate) fn project<F: Float>(
+    k: &impl MappingKernel<F>,
+    t0: usize,
+    x: &[F],
+    args: &mut [F],
+    inv_r: &mut [F],
+) -> Result<()> {
+    let (n, c) = k.dims();
+    let rpt = k.rows_per_token();
+    let kk = n * c / rpt;
+    let m = k.width();
+    let rows = x.len() / kk;
+    gemm(rows, kk, m, x, k.weight(), args);
+    for (row, (xr, a)) in x.chunks(kk).zip(args.chunks_mut(m)).enumerate() {
+        let r = rms(xr, k.rms_eps()).ok_or(Error::NonFinite {
+            what: "x",
+            index: t0 + row / rpt,
+        })?;
+        let inv = F::one() / r;
+        inv_r[row] = inv;
+        for v in a.iter_mut() {
+            *v *= inv;
+        }
+        if !all_finite(a) {
+            return Err(Error::NonFinite {
+                what: "mapping logits (overflow)",
+                index: t0 + row / rpt,
+            });
+        }
     }
-    fn run(
-        &self,
-        t0: usize,
-        x: &[F],
-        pre: &mut [F],
-        post: &mut [F],
-        res: &mut [F],
-        u: Option<&mut [F]>,
-    ) -> Result<()> {
-        HcKernel::run(self, t0, x, pre, post, res, u)
+    Ok(())
+}
+
+/// The mappings (and, with `u`, the read-out) of a task's tokens, [`SUB_TOKENS`] at a time so
+/// that each token is read from DRAM once.
+fn run_task<F: Float>(
+    k: &impl MappingKernel<F>,
+    t0: usize,
+    x: &[F],
+    pre: &mut [F],
+    post: &mut [F],
+    res: &mut [F],
+    mut u: Option<&mut [F]>,
+) -> Result<()> {
+    let (n, c) = k.dims();
+    let nc = n * c;
+    let mut s = Scratch::new(k)?;
+    let rows = k.rows_per_token() * k.width();
+    for (i, xs) in x.chunks(SUB_TOKENS * nc).enumerate() {
+        let tc = xs.len() / nc;
+        let (a, b) = (i * SUB_TOKENS, i * SUB_TOKENS + tc);
+        project(k, t0 + a, xs, &mut s.args, &mut s.inv_r)?;
+        k.maps(
+            t0 + a,
+            &s.args[..tc * rows],
+            &mut pre[a * n..b * n],
+            &mut post[a * n..b * n],
+            &mut res[a * n * n..b * n * n],
+        )?;
+        if let Some(u) = u.as_deref_mut() {
+            for t in a..b {
+                read_out_token(
+                    c,
+                    &x[t * nc..(t + 1) * nc],
+                    &pre[t * n..(t + 1) * n],
+                    &mut u[t * c..(t + 1) * c],
+                );
+            }
+        }
     }
+    Ok(())
 }
 
 /// Splits the tokens and their outputs into fixed tasks of
@@ -403,7 +523,7 @@ fn run_tasks<F: Float>(
         .zip(us)
         .collect();
     crate::par::try_for_each(tasks, |i, ((((x, pre), post), res), u)| {
-        k.run(i * tt, x, pre, post, res, u)
+        run_task(k, i * tt, x, pre, post, res, u)
     })
 }
 

@@ -304,3 +304,71 @@ pub(crate) fn write_in_slices<F: Float>(
         Ok(())
     })
 }
+
+/// The write-in's backward for one token, from the upstream gradient `g` (`[n, c]`):
+/// `∂y = Σ_i post[i] g[i]`, `∂post[i] = g[i]·y`, `∂res[i][j] = g[i]·x[j]`, and the mixing's
+/// part of the input gradient `∂x[j] = Σ_i res[i][j] g[i]` (written, not added).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn write_in_backward_token<F: Float>(
+    c: usize,
+    x: &[F],
+    post: &[F],
+    res: &[F],
+    y: &[F],
+    g: &[F],
+    dy: &mut [F],
+    dpost: &mut [F],
+    dres: &mut [F],
+    dx: &mut [F],
+) {
+    let n = post.len();
+    let (y, dy) = (&y[..c], &mut dy[..c]);
+    dy.fill(F::zero());
+    dx[..n * c].fill(F::zero());
+    for i in 0..n {
+        let gi = &g[i * c..(i + 1) * c];
+        let p = post[i];
+        let mut dp = F::zero();
+        for ((d, &gv), &yv) in dy.iter_mut().zip(gi).zip(y) {
+            *d += p * gv;
+            dp += gv * yv;
+        }
+        dpost[i] = dp;
+        for j in 0..n {
+            let xj = &x[j * c..(j + 1) * c];
+            let r = res[i * n + j];
+            let mut dr = F::zero();
+            for ((d, &gv), &xv) in dx[j * c..(j + 1) * c].iter_mut().zip(gi).zip(xj) {
+                *d += r * gv;
+                dr += gv * xv;
+            }
+            dres[i * n + j] = dr;
+        }
+    }
+}
+
+/// The read-out's backward for one token: `∂pre[j] = ∂u·x[j]` and `∂x[j] += pre[j] ∂u`.
+#[inline]
+pub(crate) fn read_out_backward_token<F: Float>(
+    c: usize,
+    x: &[F],
+    pre: &[F],
+    du: &[F],
+    dpre: &mut [F],
+    dx: &mut [F],
+) {
+    let du = &du[..c];
+    for (j, &p) in pre.iter().enumerate() {
+        let mut d = F::zero();
+        for ((o, &xv), &g) in dx[j * c..(j + 1) * c]
+            .iter_mut()
+            .zip(&x[j * c..(j + 1) * c])
+            .zip(du)
+        {
+            d += g * xv;
+            *o += p * g;
+        }
+        dpre[j] = d;
+    }
+}

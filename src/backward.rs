@@ -1,0 +1,330 @@
+//! The backward pass shared by mHC and HC, in two halves around the user's sublayer VJP.
+//!
+//! As in the paper (§4.3.2), training keeps only the block input `x` and the sublayer output
+//! `y`. The write-in half recomputes the mappings and `u` from `x` (one fused pass per chunk of
+//! tokens) and computes `∂y`, `∂H_post`, `∂H_res` and the mixing's part of `∂x`; the user turns
+//! `∂y` into `∂u`; the read-out half computes `∂H_pre`, goes back through the mappings (sigmoids
+//! or tanh, the Sinkhorn VJP, α, b), the RMS normalisation and the projection, and returns `∂x`
+//! with the projection weight's gradient (`x_chunkᵀ · ∂proj` per fixed chunk, summed in chunk
+//! order, so the result is the same on any number of threads).
+
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
+
+use crate::error::{Result, checked_size, try_zeroed};
+use crate::mappings::{MappingKernel, Mappings, SUB_TOKENS, project};
+use crate::mixing::{
+    all_finite, blame, check_x, read_out_backward_token, read_out_token, write_in_backward_token,
+};
+use crate::sinkhorn::check_same;
+use crate::{Float, par};
+
+/// What the write-in half of a block's backward pass hands on: the sublayer input `u`
+/// (recomputed from `x`) and `∂y` for the user's sublayer VJP, and the state the read-out half
+/// needs.
+///
+/// # Shapes
+///
+/// - `u`, `dy`: `[T, C]`
+#[derive(Clone, Debug)]
+pub struct Tape<F> {
+    /// The sublayer input `u = Σ_j H_pre[j] x_j`, recomputed: `[T, C]`.
+    pub u: Array2<F>,
+    /// The gradient with respect to the sublayer output: `[T, C]`.
+    pub dy: Array2<F>,
+    pub(crate) dx: Vec<F>,
+    pub(crate) maps: Mappings<F>,
+    pub(crate) dpost: Vec<F>,
+    pub(crate) dres: Vec<F>,
+    pub(crate) args: Vec<F>,
+    pub(crate) inv_r: Vec<F>,
+}
+
+/// `∂x` (`[T, n, C]`), the projection weight's gradient (`[K, m]`, row-major) and the small
+/// parameters' gradients (the kernel's accumulator).
+pub(crate) struct RawGrads<F> {
+    pub dx: Array3<F>,
+    pub dw: Vec<F>,
+    pub acc: Vec<F>,
+}
+
+/// The write-in half: recompute the mappings and `u`, then the mixing's backward.
+pub(crate) fn write_in_backward<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    y: ArrayView2<F>,
+    upstream: ArrayView3<F>,
+) -> Result<Tape<F>> {
+    let (n, c) = k.dims();
+    check_x(x.shape(), n, c)?;
+    let t = x.shape()[0];
+    check_same("y", &[t, c], y.shape())?;
+    check_same("upstream", &[t, n, c], upstream.shape())?;
+    let (rpt, m) = (k.rows_per_token(), k.width());
+    checked_size("backward state", &[t, n, c])?;
+    let mut tape = Tape {
+        u: Array2::zeros((t, c)),
+        dy: Array2::zeros((t, c)),
+        dx: try_zeroed("dx", t * n * c)?,
+        maps: Mappings::zeros(t, n),
+        dpost: try_zeroed("dpost", t * n)?,
+        dres: try_zeroed("dres", t * n * n)?,
+        args: try_zeroed("args", t * rpt * m)?,
+        inv_r: try_zeroed("inv_r", t * rpt)?,
+    };
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+    let y = y.as_standard_layout();
+    let y = y.as_slice().expect("standard layout");
+    let g = upstream.as_standard_layout();
+    let g = g.as_slice().expect("standard layout");
+    let tt = par::TASK_TOKENS;
+    let (pre, post, res) = tape.maps.slices_mut();
+    let tasks: Vec<_> = pre
+        .chunks_mut(tt * n)
+        .zip(post.chunks_mut(tt * n))
+        .zip(res.chunks_mut(tt * n * n))
+        .zip(tape.u.as_slice_mut().expect("owned").chunks_mut(tt * c))
+        .zip(tape.dy.as_slice_mut().expect("owned").chunks_mut(tt * c))
+        .zip(tape.dx.chunks_mut(tt * n * c))
+        .zip(tape.dpost.chunks_mut(tt * n))
+        .zip(tape.dres.chunks_mut(tt * n * n))
+        .zip(tape.args.chunks_mut(tt * rpt * m))
+        .zip(tape.inv_r.chunks_mut(tt * rpt))
+        .collect();
+    par::try_for_each(
+        tasks,
+        |i, (((((((((pre, post), res), u), dy), dx), dpost), dres), args), inv_r)| {
+            let t0 = i * tt;
+            let tc = pre.len() / n;
+            for a in (0..tc).step_by(SUB_TOKENS) {
+                let b = (a + SUB_TOKENS).min(tc);
+                let xs = &x[(t0 + a) * n * c..(t0 + b) * n * c];
+                let (ra, rb) = (a * rpt, b * rpt);
+                project(k, t0 + a, xs, &mut args[ra * m..rb * m], &mut inv_r[ra..rb])?;
+                k.maps(
+                    t0 + a,
+                    &args[ra * m..rb * m],
+                    &mut pre[a * n..b * n],
+                    &mut post[a * n..b * n],
+                    &mut res[a * n * n..b * n * n],
+                )?;
+                for tl in a..b {
+                    let tg = t0 + tl;
+                    let (xt, yt, gt) = (
+                        &x[tg * n * c..(tg + 1) * n * c],
+                        &y[tg * c..(tg + 1) * c],
+                        &g[tg * n * c..(tg + 1) * n * c],
+                    );
+                    let (pt, qt, rt) = (
+                        &pre[tl * n..(tl + 1) * n],
+                        &post[tl * n..(tl + 1) * n],
+                        &res[tl * n * n..(tl + 1) * n * n],
+                    );
+                    read_out_token(c, xt, pt, &mut u[tl * c..(tl + 1) * c]);
+                    let (dpt, drt) = (
+                        &mut dpost[tl * n..(tl + 1) * n],
+                        &mut dres[tl * n * n..(tl + 1) * n * n],
+                    );
+                    write_in_backward_token(
+                        c,
+                        xt,
+                        qt,
+                        rt,
+                        yt,
+                        gt,
+                        &mut dy[tl * c..(tl + 1) * c],
+                        dpt,
+                        drt,
+                        &mut dx[tl * n * c..(tl + 1) * n * c],
+                    );
+                    if !all_finite(dpt) || !all_finite(drt) {
+                        return Err(blame(
+                            tg,
+                            &[("upstream", gt), ("y", yt)],
+                            "write-in gradients (overflow)",
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(tape)
+}
+
+/// The read-out half: from `∂u`, the rest of `∂x` and the parameters' gradients.
+pub(crate) fn read_out_backward<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    tape: Tape<F>,
+    du: ArrayView2<F>,
+) -> Result<RawGrads<F>> {
+    let (n, c) = k.dims();
+    check_x(x.shape(), n, c)?;
+    let t = x.shape()[0];
+    check_same("tape", &[t, c], tape.u.shape())?;
+    check_same("tape", &[t, n], tape.maps.pre.shape())?;
+    check_same("sublayer vjp output", &[t, c], du.shape())?;
+    let (rpt, m) = (k.rows_per_token(), k.width());
+    let kk = n * c / rpt;
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+    let du = du.as_standard_layout();
+    let du = du.as_slice().expect("standard layout");
+    let Tape {
+        mut dx,
+        maps,
+        dpost,
+        dres,
+        args,
+        inv_r,
+        ..
+    } = tape;
+    let (pre, post) = (
+        maps.pre.as_slice().expect("owned"),
+        maps.post.as_slice().expect("owned"),
+    );
+    let tt = par::TASK_TOKENS;
+    let ntasks = t.div_ceil(tt);
+    let part_len = kk * m + k.acc_len();
+    let mut parts = try_zeroed::<F>(
+        "gradient partials",
+        checked_size("gradient partials", &[ntasks.max(1), part_len])?,
+    )?;
+    let tasks: Vec<_> = dx
+        .chunks_mut(tt * n * c)
+        .zip(parts.chunks_mut(part_len))
+        .collect();
+    par::try_for_each(tasks, |i, (dx, part)| {
+        let t0 = i * tt;
+        let tc = dx.len() / (n * c);
+        let (dw, acc) = part.split_at_mut(kk * m);
+        let mut dpre = vec![F::zero(); SUB_TOKENS * n];
+        let mut dargs = vec![F::zero(); SUB_TOKENS * rpt * m];
+        for a in (0..tc).step_by(SUB_TOKENS) {
+            let b = (a + SUB_TOKENS).min(tc);
+            let (ga, gb) = (t0 + a, t0 + b);
+            let xs = &x[ga * n * c..gb * n * c];
+            let dxs = &mut dx[a * n * c..b * n * c];
+            for tl in 0..b - a {
+                let tg = ga + tl;
+                let dut = &du[tg * c..(tg + 1) * c];
+                if !all_finite(dut) {
+                    return Err(blame(
+                        tg,
+                        &[("sublayer vjp output", dut)],
+                        "sublayer vjp output",
+                    ));
+                }
+                let (xt, pt) = (
+                    &xs[tl * n * c..(tl + 1) * n * c],
+                    &pre[tg * n..(tg + 1) * n],
+                );
+                read_out_backward_token(
+                    c,
+                    xt,
+                    pt,
+                    dut,
+                    &mut dpre[tl * n..(tl + 1) * n],
+                    &mut dxs[tl * n * c..(tl + 1) * n * c],
+                );
+            }
+            let (ra, rb) = (ga * rpt, gb * rpt);
+            let rows = rb - ra;
+            let ar = &args[ra * m..rb * m];
+            let da = &mut dargs[..rows * m];
+            k.grads(
+                ar,
+                &pre[ga * n..gb * n],
+                &post[ga * n..gb * n],
+                &dpre[..(b - a) * n],
+                &dpost[ga * n..gb * n],
+                &dres[ga * n * n..gb * n * n],
+                da,
+                acc,
+            )?;
+            // RMS normalisation, args = (x·W) / r: ∂(x·W) = ∂args / r, and through r,
+            // ∂x += (∂r / (K r)) x with ∂r = −(∂args · args) / r.
+            let kf = F::from_usize(kk);
+            for row in 0..rows {
+                let ir = inv_r[ra + row];
+                let (arow, drow) = (&ar[row * m..(row + 1) * m], &mut da[row * m..(row + 1) * m]);
+                let dot = arow
+                    .iter()
+                    .zip(drow.iter())
+                    .fold(F::zero(), |s, (&a, &d)| s + a * d);
+                let scale = -dot * ir * ir / kf;
+                for (o, &xv) in dxs[row * kk..(row + 1) * kk]
+                    .iter_mut()
+                    .zip(&xs[row * kk..(row + 1) * kk])
+                {
+                    *o += scale * xv;
+                }
+                for d in drow.iter_mut() {
+                    *d *= ir;
+                }
+            }
+            // ∂x += ∂(x·W) · Wᵀ and ∂W += xᵀ · ∂(x·W).
+            let draw = faer::MatRef::from_row_major_slice(&da[..], rows, m);
+            let w = faer::MatRef::from_row_major_slice(k.weight(), kk, m);
+            let xr = faer::MatRef::from_row_major_slice(xs, rows, kk);
+            F::gemm(
+                faer::MatMut::from_row_major_slice_mut(dxs, rows, kk),
+                true,
+                draw,
+                w.transpose(),
+                false,
+            );
+            F::gemm(
+                faer::MatMut::from_row_major_slice_mut(dw, kk, m),
+                true,
+                xr.transpose(),
+                draw,
+                false,
+            );
+        }
+        Ok(())
+    })?;
+    let mut it = parts.chunks(part_len);
+    let mut total = it
+        .next()
+        .map(<[F]>::to_vec)
+        .unwrap_or_else(|| vec![F::zero(); part_len]);
+    for p in it {
+        for (s, &v) in total.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    let acc = total.split_off(kk * m);
+    Ok(RawGrads {
+        dx: Array3::from_shape_vec((t, n, c), dx).expect("T·n·C"),
+        dw: total,
+        acc,
+    })
+}
+
+/// Forward pass that returns what the backward pass needs besides `x`: `(out, y)`.
+pub(crate) fn forward_train<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
+) -> Result<(Array3<F>, Array2<F>)> {
+    let (u, maps) = crate::mappings::read_out(k, x)?;
+    let y = sublayer(u.view());
+    check_same("sublayer output", u.shape(), y.shape())?;
+    let out = crate::mixing::write_in(x, &maps, y.view())?;
+    Ok((out, y))
+}
+
+/// Both halves around the user's sublayer VJP `(u, ∂y) → ∂u`, called once.
+pub(crate) fn backward<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    y: ArrayView2<F>,
+    upstream: ArrayView3<F>,
+    sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+) -> Result<RawGrads<F>> {
+    let tape = write_in_backward(k, x, y, upstream)?;
+    let du = sublayer_vjp(tape.u.view(), tape.dy.view());
+    read_out_backward(k, x, tape, du.view())
+}

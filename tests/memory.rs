@@ -1,0 +1,67 @@
+//! What training keeps per token per block, measured with a counting allocator (paper §4.3.2:
+//! the block input `x`, `n·C` values, and the sublayer output `y`, `C` values; everything else
+//! is recomputed in the backward pass).
+
+use mhc::rand::{SeedableRng, rngs::StdRng};
+use mhc::{MhcBlock, MhcConfig};
+use ndarray::Array3;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = LIVE.fetch_add(layout.size() as isize, Ordering::SeqCst) + layout.size() as isize;
+        PEAK.fetch_max(now.max(0) as usize, Ordering::SeqCst);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::SeqCst);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+#[test]
+fn training_keeps_x_and_y_only() {
+    let (t, n, c) = (2048usize, 4usize, 256usize);
+    let block = MhcBlock::<f32>::new(MhcConfig::new(n, c), &mut StdRng::seed_from_u64(0)).unwrap();
+    let x = Array3::<f32>::from_elem((t, n, c), 0.5);
+    // One thread: rayon's worker stacks and pools would otherwise count as "kept".
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let _ = block
+            .forward_train(x.view(), |u| u.mapv(f32::tanh))
+            .unwrap(); // warm-up
+        let before = LIVE.load(Ordering::SeqCst);
+        PEAK.store(before as usize, Ordering::SeqCst);
+        let (out, y) = block
+            .forward_train(x.view(), |u| u.mapv(f32::tanh))
+            .unwrap();
+        let kept = (LIVE.load(Ordering::SeqCst) - before) as usize;
+        let peak = PEAK.load(Ordering::SeqCst) - before as usize;
+        let f = std::mem::size_of::<f32>();
+        // `out` is the next block's `x`: per block, training keeps n·C (its input) + C (y).
+        assert_eq!(kept, (t * n * c + t * c) * f, "kept bytes");
+        assert_eq!(kept / t, (n * c + c) * f);
+        // Transient peak: out + y + u + mappings (+ small per-task scratch), never more than
+        // one extra [T, C] and the mappings beyond what is kept.
+        let maps = t * (2 * n + n * n) * f;
+        assert!(
+            peak <= kept + 2 * t * c * f + maps + (1 << 20),
+            "peak {peak} vs kept {kept}"
+        );
+        drop((out, y));
+    });
+}
