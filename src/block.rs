@@ -560,6 +560,7 @@ impl<F: Float> MhcBlock<F> {
     /// let du = tape.dy.mapv(|g| 3.0 * g); // the sublayer's VJP, computed by anything
     /// let (dx, grads) = block.read_out_backward(x.view(), tape, du.view())?;
     /// assert_eq!(dx.shape(), &[5, 2, 4]);
+    /// assert_eq!(grads.bias.len(), 8);
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn write_in_backward(

@@ -193,6 +193,7 @@ impl<F: Float> HcBlock<F> {
     /// ```
     /// let p = mhc::HcParams::<f32>::init(3, 5, 0, 0.01);
     /// let b = mhc::HcBlock::from_params(mhc::HcConfig::new(3, 5), p)?;
+    /// assert_eq!(b.config().streams, 3);
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn from_params(config: HcConfig, params: HcParams<F>) -> Result<Self> {
@@ -345,6 +346,7 @@ impl<F: Float> HcBlock<F> {
     /// let x = ndarray::Array3::ones((4, 2, 3));
     /// let (u, maps) = b.read_out(x.view())?;
     /// let out = b.write_in(x.view(), &maps, u.view())?;
+    /// assert_eq!(out.shape(), x.shape());
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn write_in(
@@ -373,6 +375,7 @@ impl<F: Float> HcBlock<F> {
     /// ```
     /// let b = mhc::HcBlock::<f64>::new(mhc::HcConfig::new(2, 3))?;
     /// let out = b.forward(ndarray::Array3::ones((4, 2, 3)).view(), |u| u.to_owned())?;
+    /// assert_eq!(out.shape(), &[4, 2, 3]);
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn forward(
@@ -425,7 +428,7 @@ impl<F: Float> HcBlock<F> {
     /// let x = Array3::from_shape_fn((3, 2, 4), |(t, i, c)| (t + i + c) as f64 * 0.1);
     /// let (out, y) = block.forward_train(x.view(), |u| u.to_owned())?;
     /// let (dx, g) = block.backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view(), |_u, dy| dy.to_owned())?;
-    /// assert_eq!(g.theta_res.shape(), &[2, 4]);
+    /// assert_eq!((dx.shape(), g.theta_res.shape()), (&[3, 2, 4][..], &[2, 4][..]));
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn backward(
@@ -459,6 +462,7 @@ impl<F: Float> HcBlock<F> {
     /// let (out, y) = block.forward_train(x.view(), |u| u.to_owned())?;
     /// let tape = block.write_in_backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view())?;
     /// let (dx, _) = block.read_out_backward(x.view(), tape.clone(), tape.dy.view())?;
+    /// assert_eq!(dx.shape(), x.shape());
     /// # Ok::<(), mhc::Error>(())
     /// ```
     pub fn write_in_backward(
