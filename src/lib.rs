@@ -14,6 +14,7 @@
 //!   sublayer input) and a write-in, so that any sublayer from any framework plugs in between.
 //! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention; HC
 //!   shares the [`mixing`] kernels with mHC.
+//! - [`gain`]: the paper's Amax gain diagnostics, per layer and composite.
 //! - [`streams::expand`] / [`streams::collapse`]: entering and leaving the `n` streams.
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -23,6 +24,7 @@ mod backward;
 mod block;
 pub mod error;
 mod float;
+pub mod gain;
 mod hc;
 mod linalg;
 pub mod mappings;
