@@ -244,6 +244,16 @@ impl<F: Float> HcBlock<F> {
         &self.params
     }
 
+    /// Replaces the parameters (e.g. after an optimiser step), shape-checked.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_params`](Self::from_params); on error the block is unchanged.
+    pub fn set_params(&mut self, params: HcParams<F>) -> Result<()> {
+        *self = Self::from_params(self.config, params)?;
+        Ok(())
+    }
+
     pub(crate) fn kernel(&self) -> HcKernel<'_, F> {
         HcKernel {
             n: self.config.streams,

@@ -62,6 +62,9 @@ pub(crate) fn matmul_into<F: Float>(
         }
     };
     let (r, k) = c.dim();
+    // Below ~8 M multiply-adds (≈ 0.2 ms on one core) a parallel product costs more in rayon
+    // wake-ups than it saves.
+    let parallel = parallel && r * k * a.ncols() >= 1 << 23;
     let dst =
         faer::MatMut::from_row_major_slice_mut(c.as_slice_mut().expect("owned standard"), r, k);
     F::gemm(dst, accumulate, fa, fb, parallel);

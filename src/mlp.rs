@@ -28,7 +28,7 @@ fn gelu<F: Float>(a: F) -> (F, F) {
         F::one(),
     );
     let inner = k * (a + c * a * a * a);
-    let th = inner.tanh();
+    let th = inner.tanh_fast();
     let g = half * a * (one + th);
     let dinner = k * (one + F::from_f64(3.0) * c * a * a);
     let dg = half * (one + th) + half * a * (one - th * th) * dinner;
