@@ -74,9 +74,12 @@ const STREAMS: usize = 4;
 /// The residual connection of each layer.
 enum Mix {
     Residual,
-    Hc(HcBlock<f32>),
-    Mhc(MhcBlock<f32>),
+    Hc(Box<HcBlock<f32>>),
+    Mhc(Box<MhcBlock<f32>>),
 }
+
+/// Per layer: the block input and the sublayer output, what the backward pass needs.
+type Saved = Vec<(Array3<f32>, Array2<f32>)>;
 
 struct Net {
     mlps: Vec<Mlp<f32>>,
@@ -98,9 +101,11 @@ impl Net {
                 "hc" => {
                     let mut cfg = HcConfig::new(STREAMS, c);
                     cfg.layer = k;
-                    Mix::Hc(HcBlock::new(cfg).expect("valid"))
+                    Mix::Hc(Box::new(HcBlock::new(cfg).expect("valid")))
                 }
-                _ => Mix::Mhc(MhcBlock::new(MhcConfig::new(STREAMS, c), rng).expect("valid")),
+                _ => Mix::Mhc(Box::new(
+                    MhcBlock::new(MhcConfig::new(STREAMS, c), rng).expect("valid"),
+                )),
             })
             .collect();
         let head = Array2::from_shape_simple_fn((c, c), || {
@@ -112,10 +117,7 @@ impl Net {
     }
 
     /// Forward; returns the prediction and what the backward pass needs per layer.
-    fn forward(
-        &self,
-        h: &Array2<f32>,
-    ) -> (Array2<f32>, Vec<(Array3<f32>, Array2<f32>)>, Array2<f32>) {
+    fn forward(&self, h: &Array2<f32>) -> (Array2<f32>, Saved, Array2<f32>) {
         let residual = matches!(self.mix[0], Mix::Residual);
         let mut x = if residual {
             h.clone().insert_axis(Axis(1))
