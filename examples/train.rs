@@ -485,19 +485,19 @@ fn plot(
             .map(|(i, &y)| (i, (y as f64).max(1e-6)))
             .collect()
     };
-    let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
-    for r in runs {
-        for (_, y) in series(r) {
-            lo = lo.min(y);
-            hi = hi.max(y);
-        }
-    }
-    if !(lo.is_finite() && hi > 0.0) {
-        (lo, hi) = (1e-3, 1.0);
-    }
     let root = SVGBackend::new(path, (1200, 360 * lrs.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     for (area, &lr) in root.split_evenly((lrs.len(), 1)).iter().zip(lrs) {
+        let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+        for r in runs.iter().filter(|r| r.lr == lr) {
+            for (_, y) in series(r) {
+                lo = lo.min(y);
+                hi = hi.max(y);
+            }
+        }
+        if !(lo.is_finite() && hi > 0.0) {
+            (lo, hi) = (1e-3, 1.0);
+        }
         let mut chart = ChartBuilder::on(area)
             .caption(
                 format!("{what}, lr = {lr:.0e} (log scale)"),
@@ -507,7 +507,11 @@ fn plot(
             .x_label_area_size(30)
             .y_label_area_size(60)
             .build_cartesian_2d(0..steps, (lo * 0.8..hi * 1.25).log_scale())?;
-        chart.configure_mesh().x_desc("step").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .draw()?;
         for (r, color) in runs.iter().filter(|r| r.lr == lr).zip([BLACK, RED, BLUE]) {
             chart
                 .draw_series(LineSeries::new(series(r), color.stroke_width(2)))?

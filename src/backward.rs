@@ -96,6 +96,7 @@ pub(crate) fn write_in_backward<F: Float>(
         |i, (((((((((pre, post), res), u), dy), dx), dpost), dres), args), inv_r)| {
             let t0 = i * tt;
             let tc = pre.len() / n;
+            let mut scratch = vec![F::zero(); n * n];
             for a in (0..tc).step_by(SUB_TOKENS) {
                 let b = (a + SUB_TOKENS).min(tc);
                 let xs = &x[(t0 + a) * n * c..(t0 + b) * n * c];
@@ -136,7 +137,9 @@ pub(crate) fn write_in_backward<F: Float>(
                         dpt,
                         drt,
                         &mut dx[tl * n * c..(tl + 1) * n * c],
+                        &mut scratch,
                     );
+
                     if !all_finite(dpt) || !all_finite(drt) {
                         return Err(blame(
                             tg,

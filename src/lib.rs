@@ -31,6 +31,7 @@ pub mod mappings;
 pub mod mixing;
 mod mlp;
 mod par;
+mod reduce;
 mod residual;
 pub mod sinkhorn;
 pub mod streams;

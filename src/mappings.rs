@@ -125,10 +125,7 @@ pub(crate) fn gemm<F: Float>(rows: usize, k: usize, m: usize, lhs: &[F], rhs: &[
 #[inline]
 pub(crate) fn rms<F: Float>(v: &[F], eps: F) -> Option<F> {
     let len = F::from_usize(v.len());
-    let mut ss = F::zero();
-    for &x in v {
-        ss += x * x;
-    }
+    let ss = crate::reduce::sum_sq(v);
     if ss.is_finite() {
         return Some((ss / len + eps).sqrt());
     }

@@ -14,22 +14,23 @@ use crate::mappings::Mappings;
 use crate::sinkhorn::check_same;
 use crate::{Float, par};
 
-/// `true` when every value is finite (vectorisable: `v − v` is NaN exactly for NaN and ±∞).
-#[inline]
-pub(crate) fn all_finite<F: Float>(v: &[F]) -> bool {
-    let mut acc = F::zero();
-    for &x in v {
-        #[allow(clippy::eq_op)] // x − x is 0 for finite x and NaN otherwise: the point
-        {
-            acc += x - x;
-        }
-    }
-    acc == F::zero()
-}
+pub(crate) use crate::reduce::all_finite;
+use crate::reduce::dot;
 
 /// `u = Σ_j pre[j] · x[j]` for one token (`x`: `n·c`, `u`: `c`).
-#[inline]
+#[inline(always)]
 pub(crate) fn read_out_token<F: Float>(c: usize, x: &[F], pre: &[F], u: &mut [F]) {
+    match pre.len() {
+        2 => read_out_n::<F, 2>(c, x, pre, u),
+        4 => read_out_n::<F, 4>(c, x, pre, u),
+        8 => read_out_n::<F, 8>(c, x, pre, u),
+        _ => read_out_dyn(c, x, pre, u),
+    }
+}
+
+/// [`read_out_token`] for any `n`: one pass over `u` per stream.
+#[inline(always)]
+fn read_out_dyn<F: Float>(c: usize, x: &[F], pre: &[F], u: &mut [F]) {
     let u = &mut u[..c];
     let p0 = pre[0];
     for (u, &x) in u.iter_mut().zip(&x[..c]) {
@@ -42,8 +43,23 @@ pub(crate) fn read_out_token<F: Float>(c: usize, x: &[F], pre: &[F], u: &mut [F]
     }
 }
 
+/// [`read_out_token`] for a fixed `n`: one pass, the `n` weights in registers; the same
+/// operations in the same order as [`read_out_dyn`].
+#[inline(always)]
+fn read_out_n<F: Float, const N: usize>(c: usize, x: &[F], pre: &[F], u: &mut [F]) {
+    let xs: [&[F]; N] = std::array::from_fn(|j| &x[j * c..(j + 1) * c]);
+    let p: [F; N] = std::array::from_fn(|j| pre[j]);
+    for (k, u) in u[..c].iter_mut().enumerate() {
+        let mut acc = p[0] * xs[0][k];
+        for j in 1..N {
+            acc += p[j] * xs[j][k];
+        }
+        *u = acc;
+    }
+}
+
 /// `out[i] = Σ_j res[i][j] · x[j] + post[i] · y` for one token.
-#[inline]
+#[inline(always)]
 pub(crate) fn write_in_token<F: Float>(
     c: usize,
     x: &[F],
@@ -52,6 +68,17 @@ pub(crate) fn write_in_token<F: Float>(
     y: &[F],
     out: &mut [F],
 ) {
+    match post.len() {
+        2 => write_in_n::<F, 2>(c, x, post, res, y, out),
+        4 => write_in_n::<F, 4>(c, x, post, res, y, out),
+        8 => write_in_n::<F, 8>(c, x, post, res, y, out),
+        _ => write_in_dyn(c, x, post, res, y, out),
+    }
+}
+
+/// [`write_in_token`] for any `n`: `n + n²` passes over L1-resident rows.
+#[inline(always)]
+fn write_in_dyn<F: Float>(c: usize, x: &[F], post: &[F], res: &[F], y: &[F], out: &mut [F]) {
     let n = post.len();
     let y = &y[..c];
     for i in 0..n {
@@ -65,6 +92,35 @@ pub(crate) fn write_in_token<F: Float>(
             for (o, &x) in o.iter_mut().zip(&x[j * c..(j + 1) * c]) {
                 *o += r * x;
             }
+        }
+    }
+}
+
+/// [`write_in_token`] for a fixed `n`: one pass reading each `x[j][k]` and `y[k]` once, the
+/// `n² + n` weights in registers; the same operations in the same order as [`write_in_dyn`].
+#[inline(always)]
+fn write_in_n<F: Float, const N: usize>(
+    c: usize,
+    x: &[F],
+    post: &[F],
+    res: &[F],
+    y: &[F],
+    out: &mut [F],
+) {
+    let xs: [&[F]; N] = std::array::from_fn(|j| &x[j * c..(j + 1) * c]);
+    let p: [F; N] = std::array::from_fn(|i| post[i]);
+    let r: [[F; N]; N] = std::array::from_fn(|i| std::array::from_fn(|j| res[i * N + j]));
+    let mut outs = out[..N * c].chunks_exact_mut(c);
+    let os: [&mut [F]; N] = std::array::from_fn(|_| outs.next().expect("N rows"));
+    let y = &y[..c];
+    for k in 0..c {
+        let xv: [F; N] = std::array::from_fn(|j| xs[j][k]);
+        for i in 0..N {
+            let mut acc = p[i] * y[k];
+            for j in 0..N {
+                acc += r[i][j] * xv[j];
+            }
+            os[i][k] = acc;
         }
     }
 }
@@ -307,9 +363,10 @@ pub(crate) fn write_in_slices<F: Float>(
 
 /// The write-in's backward for one token, from the upstream gradient `g` (`[n, c]`):
 /// `∂y = Σ_i post[i] g[i]`, `∂post[i] = g[i]·y`, `∂res[i][j] = g[i]·x[j]`, and the mixing's
-/// part of the input gradient `∂x[j] = Σ_i res[i][j] g[i]` (written, not added).
+/// part of the input gradient `∂x[j] = Σ_i res[i][j] g[i]` (written, not added). `rt` is `n²`
+/// scratch.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 pub(crate) fn write_in_backward_token<F: Float>(
     c: usize,
     x: &[F],
@@ -321,35 +378,30 @@ pub(crate) fn write_in_backward_token<F: Float>(
     dpost: &mut [F],
     dres: &mut [F],
     dx: &mut [F],
+    rt: &mut [F],
 ) {
     let n = post.len();
-    let (y, dy) = (&y[..c], &mut dy[..c]);
-    dy.fill(F::zero());
-    dx[..n * c].fill(F::zero());
+    // ∂y = Σ_i post[i] g[i] and ∂x[j] = Σ_i res[i][j] g[i]: the read-out kernel applied to
+    // `g` with the weights `post` and the columns of `res`.
+    for (k, r) in rt[..n * n].iter_mut().enumerate() {
+        *r = res[(k % n) * n + k / n];
+    }
+    read_out_token(c, g, post, dy);
+    for j in 0..n {
+        read_out_token(c, g, &rt[j * n..(j + 1) * n], &mut dx[j * c..(j + 1) * c]);
+    }
+
     for i in 0..n {
         let gi = &g[i * c..(i + 1) * c];
-        let p = post[i];
-        let mut dp = F::zero();
-        for ((d, &gv), &yv) in dy.iter_mut().zip(gi).zip(y) {
-            *d += p * gv;
-            dp += gv * yv;
-        }
-        dpost[i] = dp;
+        dpost[i] = dot(gi, &y[..c]);
         for j in 0..n {
-            let xj = &x[j * c..(j + 1) * c];
-            let r = res[i * n + j];
-            let mut dr = F::zero();
-            for ((d, &gv), &xv) in dx[j * c..(j + 1) * c].iter_mut().zip(gi).zip(xj) {
-                *d += r * gv;
-                dr += gv * xv;
-            }
-            dres[i * n + j] = dr;
+            dres[i * n + j] = dot(gi, &x[j * c..(j + 1) * c]);
         }
     }
 }
 
 /// The read-out's backward for one token: `∂pre[j] = ∂u·x[j]` and `∂x[j] += pre[j] ∂u`.
-#[inline]
+#[inline(always)]
 pub(crate) fn read_out_backward_token<F: Float>(
     c: usize,
     x: &[F],
@@ -360,15 +412,36 @@ pub(crate) fn read_out_backward_token<F: Float>(
 ) {
     let du = &du[..c];
     for (j, &p) in pre.iter().enumerate() {
-        let mut d = F::zero();
-        for ((o, &xv), &g) in dx[j * c..(j + 1) * c]
-            .iter_mut()
-            .zip(&x[j * c..(j + 1) * c])
-            .zip(du)
-        {
-            d += g * xv;
+        dpre[j] = dot(du, &x[j * c..(j + 1) * c]);
+        for (o, &g) in dx[j * c..(j + 1) * c].iter_mut().zip(du) {
             *o += p * g;
         }
-        dpre[j] = d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed-`n` kernels perform the dynamic kernels' operations in the same order: equal
+    /// bits, so results do not depend on which `n` is specialised.
+    #[test]
+    fn fixed_n_kernels_equal_dynamic_bitwise() {
+        let c = 37;
+        for n in [2usize, 4, 8] {
+            let v = |k: usize| ((k as f64) * 0.7311).sin() as f32;
+            let x: Vec<f32> = (0..n * c).map(v).collect();
+            let y: Vec<f32> = (0..c).map(|k| v(k + 999)).collect();
+            let post: Vec<f32> = (0..n).map(|k| v(k + 77)).collect();
+            let res: Vec<f32> = (0..n * n).map(|k| v(k + 55)).collect();
+            let (mut a, mut b) = (vec![0.0; n * c], vec![0.0; n * c]);
+            write_in_token(c, &x, &post, &res, &y, &mut a);
+            write_in_dyn(c, &x, &post, &res, &y, &mut b);
+            assert_eq!(a, b);
+            let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+            read_out_token(c, &x, &post, &mut a);
+            read_out_dyn(c, &x, &post, &mut b);
+            assert_eq!(a, b);
+        }
     }
 }
