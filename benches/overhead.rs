@@ -112,6 +112,49 @@ fn bench(c: &mut Criterion) {
             })
         });
         g.finish();
+
+        let rounds = 7;
+        let fw = paired(
+            rounds,
+            [
+                &mut || drop(black_box(residual.forward(h.view(), f).unwrap())),
+                &mut || drop(black_box(hc.forward(x.view(), f).unwrap())),
+                &mut || drop(black_box(mhc.forward(x.view(), f).unwrap())),
+            ],
+        );
+        let fb = paired(
+            rounds,
+            [
+                &mut || {
+                    let out = residual.forward(h.view(), f).unwrap();
+                    drop(black_box((
+                        out,
+                        mlp.backward(h.view(), up2.view()).unwrap(),
+                    )));
+                },
+                &mut || {
+                    let (out, y) = hc.forward_train(x.view(), f).unwrap();
+                    drop(black_box((
+                        out,
+                        hc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
+                    )));
+                },
+                &mut || {
+                    let (out, y) = mhc.forward_train(x.view(), f).unwrap();
+                    drop(black_box((
+                        out,
+                        mhc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
+                    )));
+                },
+            ],
+        );
+        PAIRED.lock().unwrap().push(format!(
+            "| {id} | {:+.1} % | {:+.1} % | {:+.1} % | {:+.1} % |",
+            fw.0 * 100.0,
+            fw.1 * 100.0,
+            fb.0 * 100.0,
+            fb.1 * 100.0
+        ));
     }
 }
 
@@ -122,6 +165,28 @@ fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["median"]["point_estimate"].as_f64()
+}
+
+/// Interleaved, paired timing: each round times residual, HC and mHC back to back, so that
+/// the machine's load drifts alike for the three; returns the median ratios over the rounds.
+fn paired(rounds: usize, mut f: [&mut dyn FnMut(); 3]) -> (f64, f64) {
+    let mut hc = Vec::new();
+    let mut mhc = Vec::new();
+    for _ in 0..rounds {
+        let mut t = [0.0; 3];
+        for (k, g) in f.iter_mut().enumerate() {
+            let s = std::time::Instant::now();
+            g();
+            t[k] = s.elapsed().as_secs_f64();
+        }
+        hc.push(t[1] / t[0] - 1.0);
+        mhc.push(t[2] / t[0] - 1.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(&mut hc), median(&mut mhc))
 }
 
 fn report() {
@@ -148,9 +213,18 @@ fn report() {
             );
         }
     }
+    out += "\nPaired, interleaved rounds (median of 7 ratios to the residual block):\n\n";
+    out +=
+        "| shape | hc forward | mhc forward | hc fwd+bwd | mhc fwd+bwd |\n|---|---|---|---|---|\n";
+    for row in PAIRED.lock().unwrap().iter() {
+        out += row;
+        out += "\n";
+    }
     println!("\n{out}");
     let _ = std::fs::write("target/criterion/overhead.md", &out);
 }
+
+static PAIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 criterion_group!(benches, bench);
 

@@ -94,62 +94,67 @@ pub(crate) fn write_in_backward<F: Float>(
     par::try_for_each(
         tasks,
         |i, (((((((((pre, post), res), u), dy), dx), dpost), dres), args), inv_r)| {
-            let t0 = i * tt;
-            let tc = pre.len() / n;
-            let mut scratch = vec![F::zero(); n * n];
-            for a in (0..tc).step_by(SUB_TOKENS) {
-                let b = (a + SUB_TOKENS).min(tc);
-                let xs = &x[(t0 + a) * n * c..(t0 + b) * n * c];
-                let (ra, rb) = (a * rpt, b * rpt);
-                project(k, t0 + a, xs, &mut args[ra * m..rb * m], &mut inv_r[ra..rb])?;
-                k.maps(
-                    t0 + a,
-                    &args[ra * m..rb * m],
-                    &mut pre[a * n..b * n],
-                    &mut post[a * n..b * n],
-                    &mut res[a * n * n..b * n * n],
-                )?;
-                for tl in a..b {
-                    let tg = t0 + tl;
-                    let (xt, yt, gt) = (
-                        &x[tg * n * c..(tg + 1) * n * c],
-                        &y[tg * c..(tg + 1) * c],
-                        &g[tg * n * c..(tg + 1) * n * c],
-                    );
-                    let (pt, qt, rt) = (
-                        &pre[tl * n..(tl + 1) * n],
-                        &post[tl * n..(tl + 1) * n],
-                        &res[tl * n * n..(tl + 1) * n * n],
-                    );
-                    read_out_token(c, xt, pt, &mut u[tl * c..(tl + 1) * c]);
-                    let (dpt, drt) = (
-                        &mut dpost[tl * n..(tl + 1) * n],
-                        &mut dres[tl * n * n..(tl + 1) * n * n],
-                    );
-                    write_in_backward_token(
-                        c,
-                        xt,
-                        qt,
-                        rt,
-                        yt,
-                        gt,
-                        &mut dy[tl * c..(tl + 1) * c],
-                        dpt,
-                        drt,
-                        &mut dx[tl * n * c..(tl + 1) * n * c],
-                        &mut scratch,
-                    );
+            par::vectorized(
+                #[inline(always)]
+                move || {
+                    let t0 = i * tt;
+                    let tc = pre.len() / n;
+                    let mut scratch = vec![F::zero(); n * n];
+                    for a in (0..tc).step_by(SUB_TOKENS) {
+                        let b = (a + SUB_TOKENS).min(tc);
+                        let xs = &x[(t0 + a) * n * c..(t0 + b) * n * c];
+                        let (ra, rb) = (a * rpt, b * rpt);
+                        project(k, t0 + a, xs, &mut args[ra * m..rb * m], &mut inv_r[ra..rb])?;
+                        k.maps(
+                            t0 + a,
+                            &args[ra * m..rb * m],
+                            &mut pre[a * n..b * n],
+                            &mut post[a * n..b * n],
+                            &mut res[a * n * n..b * n * n],
+                        )?;
+                        for tl in a..b {
+                            let tg = t0 + tl;
+                            let (xt, yt, gt) = (
+                                &x[tg * n * c..(tg + 1) * n * c],
+                                &y[tg * c..(tg + 1) * c],
+                                &g[tg * n * c..(tg + 1) * n * c],
+                            );
+                            let (pt, qt, rt) = (
+                                &pre[tl * n..(tl + 1) * n],
+                                &post[tl * n..(tl + 1) * n],
+                                &res[tl * n * n..(tl + 1) * n * n],
+                            );
+                            read_out_token(c, xt, pt, &mut u[tl * c..(tl + 1) * c]);
+                            let (dpt, drt) = (
+                                &mut dpost[tl * n..(tl + 1) * n],
+                                &mut dres[tl * n * n..(tl + 1) * n * n],
+                            );
+                            write_in_backward_token(
+                                c,
+                                xt,
+                                qt,
+                                rt,
+                                yt,
+                                gt,
+                                &mut dy[tl * c..(tl + 1) * c],
+                                dpt,
+                                drt,
+                                &mut dx[tl * n * c..(tl + 1) * n * c],
+                                &mut scratch,
+                            );
 
-                    if !all_finite(dpt) || !all_finite(drt) {
-                        return Err(blame(
-                            tg,
-                            &[("upstream", gt), ("y", yt)],
-                            "write-in gradients (overflow)",
-                        ));
+                            if !all_finite(dpt) || !all_finite(drt) {
+                                return Err(blame(
+                                    tg,
+                                    &[("upstream", gt), ("y", yt)],
+                                    "write-in gradients (overflow)",
+                                ));
+                            }
+                        }
                     }
-                }
-            }
-            Ok(())
+                    Ok(())
+                },
+            )
         },
     )?;
     Ok(tape)
@@ -199,94 +204,100 @@ pub(crate) fn read_out_backward<F: Float>(
         .zip(parts.chunks_mut(part_len))
         .collect();
     par::try_for_each(tasks, |i, (dx, part)| {
-        let t0 = i * tt;
-        let tc = dx.len() / (n * c);
-        let (dw, acc) = part.split_at_mut(kk * m);
-        let mut dpre = vec![F::zero(); SUB_TOKENS * n];
-        let mut dargs = vec![F::zero(); SUB_TOKENS * rpt * m];
-        for a in (0..tc).step_by(SUB_TOKENS) {
-            let b = (a + SUB_TOKENS).min(tc);
-            let (ga, gb) = (t0 + a, t0 + b);
-            let xs = &x[ga * n * c..gb * n * c];
-            let dxs = &mut dx[a * n * c..b * n * c];
-            for tl in 0..b - a {
-                let tg = ga + tl;
-                let dut = &du[tg * c..(tg + 1) * c];
-                if !all_finite(dut) {
-                    return Err(blame(
-                        tg,
-                        &[("sublayer vjp output", dut)],
-                        "sublayer vjp output",
-                    ));
+        par::vectorized(
+            #[inline(always)]
+            || {
+                let t0 = i * tt;
+                let tc = dx.len() / (n * c);
+                let (dw, acc) = part.split_at_mut(kk * m);
+                let mut dpre = vec![F::zero(); SUB_TOKENS * n];
+                let mut dargs = vec![F::zero(); SUB_TOKENS * rpt * m];
+                for a in (0..tc).step_by(SUB_TOKENS) {
+                    let b = (a + SUB_TOKENS).min(tc);
+                    let (ga, gb) = (t0 + a, t0 + b);
+                    let xs = &x[ga * n * c..gb * n * c];
+                    let dxs = &mut dx[a * n * c..b * n * c];
+                    for tl in 0..b - a {
+                        let tg = ga + tl;
+                        let dut = &du[tg * c..(tg + 1) * c];
+                        if !all_finite(dut) {
+                            return Err(blame(
+                                tg,
+                                &[("sublayer vjp output", dut)],
+                                "sublayer vjp output",
+                            ));
+                        }
+                        let (xt, pt) = (
+                            &xs[tl * n * c..(tl + 1) * n * c],
+                            &pre[tg * n..(tg + 1) * n],
+                        );
+                        read_out_backward_token(
+                            c,
+                            xt,
+                            pt,
+                            dut,
+                            &mut dpre[tl * n..(tl + 1) * n],
+                            &mut dxs[tl * n * c..(tl + 1) * n * c],
+                        );
+                    }
+                    let (ra, rb) = (ga * rpt, gb * rpt);
+                    let rows = rb - ra;
+                    let ar = &args[ra * m..rb * m];
+                    let da = &mut dargs[..rows * m];
+                    k.grads(
+                        ar,
+                        &pre[ga * n..gb * n],
+                        &post[ga * n..gb * n],
+                        &dpre[..(b - a) * n],
+                        &dpost[ga * n..gb * n],
+                        &dres[ga * n * n..gb * n * n],
+                        da,
+                        acc,
+                    )?;
+                    // RMS normalisation, args = (x·W) / r: ∂(x·W) = ∂args / r, and through r,
+                    // ∂x += (∂r / (K r)) x with ∂r = −(∂args · args) / r.
+                    let kf = F::from_usize(kk);
+                    for row in 0..rows {
+                        let ir = inv_r[ra + row];
+                        let (arow, drow) =
+                            (&ar[row * m..(row + 1) * m], &mut da[row * m..(row + 1) * m]);
+                        let dot = arow
+                            .iter()
+                            .zip(drow.iter())
+                            .fold(F::zero(), |s, (&a, &d)| s + a * d);
+                        let scale = -dot * ir * ir / kf;
+                        for (o, &xv) in dxs[row * kk..(row + 1) * kk]
+                            .iter_mut()
+                            .zip(&xs[row * kk..(row + 1) * kk])
+                        {
+                            *o += scale * xv;
+                        }
+                        for d in drow.iter_mut() {
+                            *d *= ir;
+                        }
+                    }
+                    // ∂x += ∂(x·W) · Wᵀ and ∂W += xᵀ · ∂(x·W).
+                    let draw = faer::MatRef::from_row_major_slice(&da[..], rows, m);
+                    let w = faer::MatRef::from_row_major_slice(k.weight(), kk, m);
+                    let xr = faer::MatRef::from_row_major_slice(xs, rows, kk);
+                    F::gemm(
+                        faer::MatMut::from_row_major_slice_mut(dxs, rows, kk),
+                        true,
+                        draw,
+                        w.transpose(),
+                        false,
+                    );
+                    F::gemm(
+                        faer::MatMut::from_row_major_slice_mut(dw, kk, m),
+                        true,
+                        xr.transpose(),
+                        draw,
+                        false,
+                    );
                 }
-                let (xt, pt) = (
-                    &xs[tl * n * c..(tl + 1) * n * c],
-                    &pre[tg * n..(tg + 1) * n],
-                );
-                read_out_backward_token(
-                    c,
-                    xt,
-                    pt,
-                    dut,
-                    &mut dpre[tl * n..(tl + 1) * n],
-                    &mut dxs[tl * n * c..(tl + 1) * n * c],
-                );
-            }
-            let (ra, rb) = (ga * rpt, gb * rpt);
-            let rows = rb - ra;
-            let ar = &args[ra * m..rb * m];
-            let da = &mut dargs[..rows * m];
-            k.grads(
-                ar,
-                &pre[ga * n..gb * n],
-                &post[ga * n..gb * n],
-                &dpre[..(b - a) * n],
-                &dpost[ga * n..gb * n],
-                &dres[ga * n * n..gb * n * n],
-                da,
-                acc,
-            )?;
-            // RMS normalisation, args = (x·W) / r: ∂(x·W) = ∂args / r, and through r,
-            // ∂x += (∂r / (K r)) x with ∂r = −(∂args · args) / r.
-            let kf = F::from_usize(kk);
-            for row in 0..rows {
-                let ir = inv_r[ra + row];
-                let (arow, drow) = (&ar[row * m..(row + 1) * m], &mut da[row * m..(row + 1) * m]);
-                let dot = arow
-                    .iter()
-                    .zip(drow.iter())
-                    .fold(F::zero(), |s, (&a, &d)| s + a * d);
-                let scale = -dot * ir * ir / kf;
-                for (o, &xv) in dxs[row * kk..(row + 1) * kk]
-                    .iter_mut()
-                    .zip(&xs[row * kk..(row + 1) * kk])
-                {
-                    *o += scale * xv;
-                }
-                for d in drow.iter_mut() {
-                    *d *= ir;
-                }
-            }
-            // ∂x += ∂(x·W) · Wᵀ and ∂W += xᵀ · ∂(x·W).
-            let draw = faer::MatRef::from_row_major_slice(&da[..], rows, m);
-            let w = faer::MatRef::from_row_major_slice(k.weight(), kk, m);
-            let xr = faer::MatRef::from_row_major_slice(xs, rows, kk);
-            F::gemm(
-                faer::MatMut::from_row_major_slice_mut(dxs, rows, kk),
-                true,
-                draw,
-                w.transpose(),
-                false,
-            );
-            F::gemm(
-                faer::MatMut::from_row_major_slice_mut(dw, kk, m),
-                true,
-                xr.transpose(),
-                draw,
-                false,
-            );
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     })?;
     let mut it = parts.chunks(part_len);
     let mut total = it

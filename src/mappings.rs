@@ -122,7 +122,7 @@ pub(crate) fn gemm<F: Float>(rows: usize, k: usize, m: usize, lhs: &[F], rhs: &[
 
 /// `sqrt(mean(v²) + eps)`, or `None` if `v` holds a NaN or infinity. Squares that overflow are
 /// recomputed scaled by the largest magnitude, so every finite input has a finite RMS.
-#[inline]
+#[inline(always)]
 pub(crate) fn rms<F: Float>(v: &[F], eps: F) -> Option<F> {
     let len = F::from_usize(v.len());
     let ss = crate::reduce::sum_sq(v);
@@ -424,6 +424,7 @@ impl<F: Float> Scratch<F> {
 
 /// For the `tc` tokens in `x` (token `t0` first): the projections `x·W`, the RMS of each row,
 /// the normalised projections (`args`, `[tc·rows, m]`) and `1/r` (`inv_r`).
+#[inline(always)]
 pub(crate) fn project<F: Float>(
     k: &impl MappingKernel<F>,
     t0: usize,
@@ -472,29 +473,34 @@ fn run_task<F: Float>(
     let nc = n * c;
     let mut s = Scratch::new(k)?;
     let rows = k.rows_per_token() * k.width();
-    for (i, xs) in x.chunks(SUB_TOKENS * nc).enumerate() {
-        let tc = xs.len() / nc;
-        let (a, b) = (i * SUB_TOKENS, i * SUB_TOKENS + tc);
-        project(k, t0 + a, xs, &mut s.args, &mut s.inv_r)?;
-        k.maps(
-            t0 + a,
-            &s.args[..tc * rows],
-            &mut pre[a * n..b * n],
-            &mut post[a * n..b * n],
-            &mut res[a * n * n..b * n * n],
-        )?;
-        if let Some(u) = u.as_deref_mut() {
-            for t in a..b {
-                read_out_token(
-                    c,
-                    &x[t * nc..(t + 1) * nc],
-                    &pre[t * n..(t + 1) * n],
-                    &mut u[t * c..(t + 1) * c],
-                );
+    crate::par::vectorized(
+        #[inline(always)]
+        || {
+            for (i, xs) in x.chunks(SUB_TOKENS * nc).enumerate() {
+                let tc = xs.len() / nc;
+                let (a, b) = (i * SUB_TOKENS, i * SUB_TOKENS + tc);
+                project(k, t0 + a, xs, &mut s.args, &mut s.inv_r)?;
+                k.maps(
+                    t0 + a,
+                    &s.args[..tc * rows],
+                    &mut pre[a * n..b * n],
+                    &mut post[a * n..b * n],
+                    &mut res[a * n * n..b * n * n],
+                )?;
+                if let Some(u) = u.as_deref_mut() {
+                    for t in a..b {
+                        read_out_token(
+                            c,
+                            &x[t * nc..(t + 1) * nc],
+                            &pre[t * n..(t + 1) * n],
+                            &mut u[t * c..(t + 1) * c],
+                        );
+                    }
+                }
             }
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 /// Splits the tokens and their outputs into fixed tasks of

@@ -341,13 +341,27 @@ pub(crate) fn write_in_slices<F: Float>(
     let tt = par::TASK_TOKENS;
     let tasks: Vec<_> = out.chunks_mut(tt * n * c).collect();
     par::try_for_each(tasks, |k, out| {
-        for (i, o) in out.chunks_mut(n * c).enumerate() {
-            let t = k * tt + i;
+        // Find the first bad token with the kernel vectorised, then report it outside.
+        let bad = par::vectorized(
+            #[inline(always)]
+            || {
+                for (i, o) in out.chunks_mut(n * c).enumerate() {
+                    let t = k * tt + i;
+                    let xt = &x[t * n * c..(t + 1) * n * c];
+                    let (pt, rt) = (&post[t * n..(t + 1) * n], &res[t * n * n..(t + 1) * n * n]);
+                    write_in_token(c, xt, pt, rt, &y[t * c..(t + 1) * c], o);
+                    if !all_finite(o) {
+                        return Some(t);
+                    }
+                }
+                None
+            },
+        );
+        if let Some(t) = bad {
             let xt = &x[t * n * c..(t + 1) * n * c];
             let (pt, rt) = (&post[t * n..(t + 1) * n], &res[t * n * n..(t + 1) * n * n]);
             let yt = &y[t * c..(t + 1) * c];
-            write_in_token(c, xt, pt, rt, yt, o);
-            if !all_finite(o) {
+            {
                 let inputs = [
                     ("sublayer output", yt),
                     ("x", xt),

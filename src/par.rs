@@ -37,3 +37,12 @@ pub(crate) fn try_for_each<T: Send>(
     }
     tasks.into_iter().enumerate().try_for_each(|(k, t)| f(k, t))
 }
+
+/// Runs `f` compiled for the best instruction set this CPU has (AVX2+FMA, AVX-512, NEON…),
+/// chosen at run time by `pulp`, the SIMD layer faer uses. The kernels called inside are
+/// `#[inline(always)]`, so they are compiled into the dispatched copy. No `mul_add` is used
+/// and LLVM does not contract `a * b + c`, so every copy gives the same bits.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}

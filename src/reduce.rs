@@ -16,7 +16,7 @@ fn combine<F: Float>(mut acc: [F; LANES]) -> F {
     let mut w = LANES / 2;
     while w > 0 {
         for l in 0..w {
-            acc[l] = acc[l] + acc[l + w];
+            acc[l] += acc[l + w];
         }
         w /= 2;
     }

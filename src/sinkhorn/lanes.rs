@@ -60,6 +60,7 @@ impl<F: Float> Plan<F> {
 
 /// Copies `count ≤ LANES` row-major `n×n` matrices into structure-of-arrays form; lanes past
 /// `count` are zero (a valid input whose result is discarded).
+#[inline(always)]
 pub(crate) fn gather<F: Float>(nn: usize, src: &[F], count: usize, buf: &mut [F]) {
     debug_assert!(count <= LANES && src.len() >= count * nn && buf.len() >= nn * LANES);
     for e in 0..nn {
@@ -75,6 +76,7 @@ pub(crate) fn gather<F: Float>(nn: usize, src: &[F], count: usize, buf: &mut [F]
 }
 
 /// The inverse of [`gather`] for the first `count` lanes.
+#[inline(always)]
 pub(crate) fn scatter<F: Float>(nn: usize, buf: &[F], count: usize, dst: &mut [F]) {
     for e in 0..nn {
         let v = lane(buf, e);
@@ -85,6 +87,7 @@ pub(crate) fn scatter<F: Float>(nn: usize, buf: &[F], count: usize, dst: &mut [F
 }
 
 /// `buf[e] = softmax over each column` in place (stable: shifted by the column max).
+#[inline(always)]
 fn column_softmax<F: Float>(n: usize, buf: &mut [F]) {
     for j in 0..n {
         let mut mx = *lane(buf, j);
@@ -116,6 +119,7 @@ fn column_softmax<F: Float>(n: usize, buf: &mut [F]) {
 
 /// Divides each row (`rows == true`) or column by its sum plus `eps`. Writes the denominators
 /// to `den` (`n` lanes) and lowers `min_den` to the smallest of them.
+#[inline(always)]
 fn normalise<F: Float>(
     n: usize,
     rows: bool,
@@ -151,6 +155,7 @@ fn normalise<F: Float>(
 /// Runs SPEC §2 in place on `buf` (logits in, projection out). With `store`, keeps what the VJP
 /// needs (see [`Plan::store_len`]); `den` is `n·LANES` scratch otherwise. Returns, per lane,
 /// whether the linear domain was accurate (every denominator ≥ the plan's threshold).
+#[inline(always)]
 pub(crate) fn forward<F: Float>(
     plan: &Plan<F>,
     buf: &mut [F],
@@ -195,6 +200,7 @@ pub(crate) fn forward<F: Float>(
 /// Each normalisation `y = x / d` with `d = Σ x + eps` along a row (or column) has
 /// `∂x = (∂y − Σ ∂y ⊙ y) / d` along the same row; the column softmax `p` has
 /// `∂L = p ⊙ (∂p − Σ_col p ⊙ ∂p)`; adding `eps` passes the gradient through.
+#[inline(always)]
 pub(crate) fn backward<F: Float>(plan: &Plan<F>, store: &[F], g: &mut [F]) {
     let n = plan.n;
     let nn = n * n;
@@ -212,7 +218,7 @@ pub(crate) fn backward<F: Float>(plan: &Plan<F>, store: &[F], g: &mut [F]) {
                     dot[l] += gv[l] * yv[l];
                 }
             }
-            let d = lane(den, a);
+            let d = *lane(den, a);
             for b in 0..n {
                 let gv = lane_mut(g, a * outer + b * inner);
                 for l in 0..LANES {

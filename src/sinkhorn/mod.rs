@@ -280,26 +280,37 @@ impl SinkhornKnopp {
         let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
         let mut den = try_zeroed("sinkhorn scratch", n * LANES)?;
         let mut log_store = Vec::new();
-        for (l, o) in logits.chunks(nn * LANES).zip(out.chunks_mut(nn * LANES)) {
-            let count = l.len() / nn;
-            lanes::gather(nn, l, count, &mut buf);
-            let ok = lanes::forward(&plan, &mut buf, &mut den, None);
-            lanes::scatter(nn, &buf, count, o);
-            for k in (0..count).filter(|&k| !ok[k]) {
-                if log_store.is_empty() {
-                    log_store =
-                        try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+        // Linear domain, vectorised; remember the matrices that need the log domain.
+        let mut fallback = Vec::new();
+        par::vectorized(
+            #[inline(always)]
+            || {
+                for (ci, (l, o)) in logits
+                    .chunks(nn * LANES)
+                    .zip(out.chunks_mut(nn * LANES))
+                    .enumerate()
+                {
+                    let count = l.len() / nn;
+                    lanes::gather(nn, l, count, &mut buf);
+                    let ok = lanes::forward(&plan, &mut buf, &mut den, None);
+                    lanes::scatter(nn, &buf, count, o);
+                    fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
                 }
-                let range = k * nn..(k + 1) * nn;
-                log::forward(
-                    n,
-                    self.iters,
-                    plan.eps,
-                    &l[range.clone()],
-                    &mut log_store,
-                    &mut o[range],
-                );
+            },
+        );
+        for m in fallback {
+            if log_store.is_empty() {
+                log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
             }
+            let range = m * nn..(m + 1) * nn;
+            log::forward(
+                n,
+                self.iters,
+                plan.eps,
+                &logits[range.clone()],
+                &mut log_store,
+                &mut out[range],
+            );
         }
         Ok(())
     }
@@ -426,41 +437,42 @@ impl SinkhornKnopp {
         let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
         let mut store = try_zeroed("sinkhorn vjp scratch", plan.store_len())?;
         let mut log_store = Vec::new();
-        for ((l, u), g) in logits
-            .chunks(nn * LANES)
-            .zip(upstream.chunks(nn * LANES))
-            .zip(grad.chunks_mut(nn * LANES))
-        {
-            let count = l.len() / nn;
-            lanes::gather(nn, l, count, &mut buf);
-            let ok = lanes::forward(&plan, &mut buf, &mut [], Some(&mut store));
-            lanes::gather(nn, u, count, &mut buf);
-            lanes::backward(&plan, &store, &mut buf);
-            lanes::scatter(nn, &buf, count, g);
-            for k in (0..count).filter(|&k| !ok[k]) {
-                if log_store.is_empty() {
-                    log_store =
-                        try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+        let mut fallback = Vec::new();
+        par::vectorized(
+            #[inline(always)]
+            || {
+                for (ci, ((l, u), g)) in logits
+                    .chunks(nn * LANES)
+                    .zip(upstream.chunks(nn * LANES))
+                    .zip(grad.chunks_mut(nn * LANES))
+                    .enumerate()
+                {
+                    let count = l.len() / nn;
+                    lanes::gather(nn, l, count, &mut buf);
+                    let ok = lanes::forward(&plan, &mut buf, &mut [], Some(&mut store));
+                    lanes::gather(nn, u, count, &mut buf);
+                    lanes::backward(&plan, &store, &mut buf);
+                    lanes::scatter(nn, &buf, count, g);
+                    fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
                 }
-                let range = k * nn..(k + 1) * nn;
-                let mut p = vec![F::zero(); nn];
-                log::forward(
-                    n,
-                    self.iters,
-                    plan.eps,
-                    &l[range.clone()],
-                    &mut log_store,
-                    &mut p,
-                );
-                g[range.clone()].copy_from_slice(&u[range]);
-                log::backward(
-                    n,
-                    self.iters,
-                    plan.eps,
-                    &log_store,
-                    &mut g[k * nn..(k + 1) * nn],
-                );
+            },
+        );
+        for m in fallback {
+            if log_store.is_empty() {
+                log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
             }
+            let range = m * nn..(m + 1) * nn;
+            let mut p = vec![F::zero(); nn];
+            log::forward(
+                n,
+                self.iters,
+                plan.eps,
+                &logits[range.clone()],
+                &mut log_store,
+                &mut p,
+            );
+            grad[range.clone()].copy_from_slice(&upstream[range.clone()]);
+            log::backward(n, self.iters, plan.eps, &log_store, &mut grad[range]);
         }
         Ok(())
     }
