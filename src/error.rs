@@ -64,6 +64,39 @@ pub enum Error {
         /// What was being sized.
         what: &'static str,
     },
+    /// A file could not be read or written.
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's message.
+        message: String,
+    },
+    /// A weights file is malformed (bad header, bad metadata, truncated data).
+    Format {
+        /// What is wrong, naming the tensor or metadata key where there is one.
+        message: String,
+    },
+    /// A tensor a loader needs is not in the file.
+    MissingTensor {
+        /// The tensor's full name.
+        name: String,
+    },
+    /// A tensor in a file has another shape than the one required.
+    TensorShape {
+        /// The tensor's full name.
+        name: String,
+        /// The required shape.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A tensor in a file has an element type the loader does not convert.
+    UnsupportedDtype {
+        /// The tensor's full name.
+        name: String,
+        /// The element type in the file.
+        dtype: String,
+    },
     /// A buffer could not be allocated.
     AllocationFailed {
         /// What was being allocated.
@@ -109,6 +142,23 @@ impl fmt::Display for Error {
             Error::SizeOverflow { what } => {
                 write!(f, "the size of `{what}` overflows usize")
             }
+            Error::Io { path, message } => write!(f, "{path}: {message}"),
+            Error::Format { message } => write!(f, "malformed weights file: {message}"),
+            Error::MissingTensor { name } => write!(f, "tensor `{name}` is not in the file"),
+            Error::TensorShape {
+                name,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "tensor `{name}` has shape {got:?}, expected {expected:?}"
+                )
+            }
+            Error::UnsupportedDtype { name, dtype } => write!(
+                f,
+                "tensor `{name}` has element type {dtype}; f32, f64, bf16 and f16 are supported"
+            ),
             Error::AllocationFailed { what, bytes } => {
                 write!(f, "could not allocate {bytes} bytes for `{what}`")
             }

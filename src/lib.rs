@@ -26,6 +26,8 @@ pub mod error;
 mod float;
 pub mod gain;
 mod hc;
+#[cfg(feature = "safetensors")]
+pub mod io;
 mod linalg;
 pub mod mappings;
 pub mod mixing;

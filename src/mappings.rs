@@ -405,6 +405,77 @@ impl<F: Float> MappingKernel<F> for HcKernel<'_, F> {
     }
 }
 
+/// Per-call constants of a learned collapse (DeepSeek-V4's `hc_head`): only `H_pre`.
+pub(crate) struct HeadKernel<'a, F> {
+    pub n: usize,
+    pub c: usize,
+    /// `[n·C, n]`, row-major.
+    pub phi: &'a [F],
+    pub scale: F,
+    pub bias: &'a [F],
+    pub rms_eps: F,
+    pub pre_eps: F,
+}
+
+impl<F: Float> MappingKernel<F> for HeadKernel<'_, F> {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.c)
+    }
+    fn rows_per_token(&self) -> usize {
+        1
+    }
+    fn weight(&self) -> &[F] {
+        self.phi
+    }
+    fn width(&self) -> usize {
+        self.n
+    }
+    fn rms_eps(&self) -> F {
+        self.rms_eps
+    }
+    fn acc_len(&self) -> usize {
+        1 + self.n
+    }
+    #[inline(always)]
+    fn maps(
+        &self,
+        _t0: usize,
+        args: &[F],
+        pre: &mut [F],
+        _post: &mut [F],
+        _res: &mut [F],
+    ) -> Result<()> {
+        for (p, (&h, &b)) in pre
+            .iter_mut()
+            .zip(args.iter().zip(self.bias.iter().cycle()))
+        {
+            *p = sigmoid(self.scale * h + b) + self.pre_eps;
+        }
+        Ok(())
+    }
+    fn grads(
+        &self,
+        args: &[F],
+        pre: &[F],
+        _post: &[F],
+        dpre: &[F],
+        _dpost: &[F],
+        _dres: &[F],
+        dargs: &mut [F],
+        acc: &mut [F],
+    ) -> Result<()> {
+        let n = self.n;
+        for (k, ((&h, &p), &g)) in args.iter().zip(pre).zip(dpre).enumerate() {
+            let s = p - self.pre_eps;
+            let dz = g * s * (F::one() - s);
+            acc[0] += dz * h;
+            acc[1 + k % n] += dz;
+            dargs[k] = self.scale * dz;
+        }
+        Ok(())
+    }
+}
+
 /// Scratch of one task: projections, normalised projections and `1/r` for [`SUB_TOKENS`]
 /// tokens.
 pub(crate) struct Scratch<F> {

@@ -81,3 +81,121 @@ pub fn collapse<F: Float>(x: ArrayView3<F>, how: Collapse) -> Result<Array2<F>> 
         Collapse::Mean => s / F::from_usize(n),
     })
 }
+
+/// A learned collapse, DeepSeek-V4's `hc_head`: `out_t = Σ_j w_t[j] x_t[j]` with
+/// `w_t = σ(scale · (vec(x_t) · φ) / r_t + bias) + pre_eps`, `r_t` the token's RMS — the read-out
+/// of an mHC block with only its `H_pre` part.
+///
+/// # Shapes
+///
+/// - `phi`: `[n·C, n]`; `bias`: `[n]`
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::{Array1, Array2, Array3};
+/// let head = mhc::streams::LearnedCollapse::new(2, 3, Array2::<f32>::zeros((6, 2)), 1.0, Array1::zeros(2), 1e-6, 0.0)?;
+/// let out = head.collapse(Array3::ones((4, 2, 3)).view())?;
+/// assert!(out.iter().all(|&v| v == 1.0)); // weights σ(0) = ½ on two equal streams
+/// # Ok::<(), mhc::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnedCollapse<F> {
+    streams: usize,
+    dim: usize,
+    phi: Array2<F>,
+    scale: F,
+    bias: ndarray::Array1<F>,
+    rms_eps: f64,
+    pre_eps: f64,
+}
+
+impl<F: Float> LearnedCollapse<F> {
+    /// A learned collapse of `streams` streams of `dim` channels.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidDimension`] for zero sizes; [`Error::ShapeMismatch`] for `phi` or `bias`;
+    /// [`Error::InvalidEpsilon`] for `rms_eps ≤ 0` or `pre_eps < 0`; [`Error::NonFinite`] for a
+    /// non-finite parameter.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        streams: usize,
+        dim: usize,
+        phi: Array2<F>,
+        scale: F,
+        bias: ndarray::Array1<F>,
+        rms_eps: f64,
+        pre_eps: f64,
+    ) -> Result<Self> {
+        for (what, v) in [("streams", streams), ("dim", dim)] {
+            if v == 0 {
+                return Err(Error::InvalidDimension { what, got: 0 });
+            }
+        }
+        let nc = checked_size("phi", &[streams, dim])?;
+        crate::sinkhorn::check_same("phi", &[nc, streams], phi.shape())?;
+        crate::sinkhorn::check_same("bias", &[streams], bias.shape())?;
+        crate::block::positive("rms_eps", rms_eps)?;
+        crate::block::non_negative("pre_eps", pre_eps)?;
+        let phi = phi.as_standard_layout().into_owned();
+        crate::sinkhorn::check_finite("phi", 1, phi.as_slice().expect("standard"))?;
+        crate::sinkhorn::check_finite("scale", 1, &[scale])?;
+        let bias = bias.as_standard_layout().into_owned();
+        crate::sinkhorn::check_finite("bias", 1, bias.as_slice().expect("standard"))?;
+        Ok(LearnedCollapse {
+            streams,
+            dim,
+            phi,
+            scale,
+            bias,
+            rms_eps,
+            pre_eps,
+        })
+    }
+
+    fn kernel(&self) -> crate::mappings::HeadKernel<'_, F> {
+        crate::mappings::HeadKernel {
+            n: self.streams,
+            c: self.dim,
+            phi: self.phi.as_slice().expect("standard by construction"),
+            scale: self.scale,
+            bias: self.bias.as_slice().expect("standard by construction"),
+            rms_eps: F::from_f64(self.rms_eps),
+            pre_eps: F::from_f64(self.pre_eps),
+        }
+    }
+
+    /// The per-token weights `w` (`[T, n]`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] for `x`; [`Error::NonFinite`] naming the first bad token.
+    pub fn weights(&self, x: ArrayView3<F>) -> Result<Array2<F>> {
+        Ok(crate::mappings::mappings(&self.kernel(), x)?.pre)
+    }
+
+    /// Collapses `x: [T, n, C]` to `[T, C]`.
+    ///
+    /// # Errors
+    ///
+    /// As [`weights`](Self::weights).
+    pub fn collapse(&self, x: ArrayView3<F>) -> Result<Array2<F>> {
+        Ok(crate::mappings::read_out(&self.kernel(), x)?.0)
+    }
+}
+
+impl<F: Float> LearnedCollapse<F> {
+    /// φ: `[n·C, n]`.
+    pub fn phi(&self) -> &Array2<F> {
+        &self.phi
+    }
+    /// The scale of the projections.
+    pub fn scale(&self) -> F {
+        self.scale
+    }
+    /// The bias: `[n]`.
+    pub fn bias(&self) -> &ndarray::Array1<F> {
+        &self.bias
+    }
+}
