@@ -65,7 +65,7 @@ pub(crate) fn write_in_backward<F: Float>(
         u: Array2::zeros((t, c)),
         dy: Array2::zeros((t, c)),
         dx: try_zeroed("dx", t * n * c)?,
-        maps: Mappings::zeros(t, n),
+        maps: Mappings::try_zeros(t, n)?,
         dpost: try_zeroed("dpost", t * n)?,
         dres: try_zeroed("dres", t * n * n)?,
         args: try_zeroed("args", t * rpt * m)?,

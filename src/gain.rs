@@ -159,7 +159,7 @@ pub fn composite_gains<F: Float>(layers: &[Array2<F>]) -> Result<Vec<(f64, f64)>
 ///
 /// ```
 /// let m = mhc::gain::mean_res(&mhc::Mappings::<f32>::identity(3, 2))?;
-/// assert_eq!(m, ndarray::Array2::eye(2));
+/// assert_eq!(m, ndarray::Array2::<f32>::eye(2));
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn mean_res<F: Float>(maps: &Mappings<F>) -> Result<Array2<F>> {

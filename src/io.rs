@@ -535,6 +535,8 @@ pub fn load_deepseek_v4<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Resul
 ///
 /// ```no_run
 /// let head = mhc::io::load_deepseek_v4_head::<f32>("model.safetensors", "hc_head")?;
+/// let out = head.collapse(ndarray::Array3::zeros((1, 4, 7168)).view())?;
+/// assert_eq!(out.shape(), &[1, 7168]);
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn load_deepseek_v4_head<F: Float>(

@@ -28,6 +28,12 @@ pub struct Mappings<F> {
 impl<F: Float> Mappings<F> {
     /// All-zero mappings for `t` tokens and `n` streams (a buffer for the `*_into` calls).
     ///
+    /// # Panics
+    ///
+    /// If `t·n·n` overflows `usize` or cannot be allocated (the crate's own calls check both
+    /// and return an error instead).
+
+    ///
     /// # Examples
     ///
     /// ```
@@ -64,6 +70,17 @@ impl<F: Float> Mappings<F> {
         }
     }
 
+    /// [`Self::zeros`] with the sizes checked and allocation failure reported.
+    pub(crate) fn try_zeros(t: usize, n: usize) -> Result<Self> {
+        let tn = crate::error::checked_size("mappings", &[t, n])?;
+        let tnn = crate::error::checked_size("mappings", &[t, n, n])?;
+        Ok(Mappings {
+            pre: Array2::from_shape_vec((t, n), try_zeroed("pre", tn)?).expect("t·n"),
+            post: Array2::from_shape_vec((t, n), try_zeroed("post", tn)?).expect("t·n"),
+            res: Array3::from_shape_vec((t, n, n), try_zeroed("res", tnn)?).expect("t·n·n"),
+        })
+    }
+
     /// Number of tokens `T`.
     pub fn tokens(&self) -> usize {
         self.pre.nrows()
@@ -76,16 +93,15 @@ impl<F: Float> Mappings<F> {
 
     /// Reallocates any field that is not `[t, n]` / `[t, n, n]` in standard layout, so that the
     /// kernels can write into contiguous slices.
-    pub(crate) fn ensure(&mut self, t: usize, n: usize) {
-        if self.pre.dim() != (t, n) || !self.pre.is_standard_layout() {
-            self.pre = Array2::zeros((t, n));
+    pub(crate) fn ensure(&mut self, t: usize, n: usize) -> Result<()> {
+        let ok = |a: &[usize], s: &[usize], std: bool| a == s && std;
+        if !(ok(self.pre.shape(), &[t, n], self.pre.is_standard_layout())
+            && ok(self.post.shape(), &[t, n], self.post.is_standard_layout())
+            && ok(self.res.shape(), &[t, n, n], self.res.is_standard_layout()))
+        {
+            *self = Self::try_zeros(t, n)?;
         }
-        if self.post.dim() != (t, n) || !self.post.is_standard_layout() {
-            self.post = Array2::zeros((t, n));
-        }
-        if self.res.dim() != (t, n, n) || !self.res.is_standard_layout() {
-            self.res = Array3::zeros((t, n, n));
-        }
+        Ok(())
     }
 
     /// The three fields as contiguous mutable slices (after [`Self::ensure`]).
@@ -608,7 +624,7 @@ pub(crate) fn mappings<F: Float>(
 ) -> Result<Mappings<F>> {
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
-    let mut maps = Mappings::zeros(x.shape()[0], n);
+    let mut maps = Mappings::try_zeros(x.shape()[0], n)?;
     let x = x.as_standard_layout();
     run_tasks(k, x.as_slice().expect("standard layout"), &mut maps, None)?;
     Ok(maps)
@@ -625,7 +641,7 @@ pub(crate) fn read_out_into<F: Float>(
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
     check_same("u", &[t, c], u.shape())?;
-    maps.ensure(t, n);
+    maps.ensure(t, n)?;
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
     with_slice_mut(u, |u| run_tasks(k, x, maps, Some(u)))
@@ -639,7 +655,8 @@ pub(crate) fn read_out<F: Float>(
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
-    let mut maps = Mappings::zeros(t, n);
+    let mut maps = Mappings::try_zeros(t, n)?;
+
     let mut u = Array2::zeros((t, c));
     read_out_into(k, x, &mut maps, u.view_mut())?;
     Ok((u, maps))

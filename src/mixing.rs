@@ -181,7 +181,7 @@ pub(crate) fn check_x(shape: &[usize], n: usize, c: usize) -> Result<()> {
 /// let x = Array3::<f32>::ones((2, 4, 3));
 /// let pre = Array2::from_elem((2, 4), 0.25);
 /// let u = mhc::mixing::read_out(x.view(), pre.view())?;
-/// assert_eq!(u, Array2::ones((2, 3)));
+/// assert_eq!(u, Array2::<f32>::ones((2, 3)));
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn read_out<F: Float>(x: ArrayView3<F>, pre: ArrayView2<F>) -> Result<Array2<F>> {

@@ -83,21 +83,26 @@ impl<F: Float> Mlp<F> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidDimension`] if `dim` or `hidden` is 0.
+    /// [`Error::InvalidDimension`] if `dim` or `hidden` is 0; [`Error::SizeOverflow`] or
+    /// [`Error::AllocationFailed`] if the weights do not fit.
+
     pub fn new(dim: usize, hidden: usize, rng: &mut impl Rng) -> Result<Self> {
         for (what, v) in [("dim", dim), ("hidden", hidden)] {
             if v == 0 {
                 return Err(Error::InvalidDimension { what, got: 0 });
             }
         }
-        let mut normal = |r: usize, c: usize, std: f64| {
-            Array2::from_shape_simple_fn((r, c), || {
+        let len = crate::error::checked_size("w1", &[dim, hidden])?;
+        let mut normal = |r: usize, c: usize, std: f64| -> Result<Array2<F>> {
+            let mut v = crate::error::try_zeroed::<F>("mlp weights", len)?;
+            for w in v.iter_mut() {
                 let z: f64 = StandardNormal.sample(&mut *rng);
-                F::from_f64(std * z)
-            })
+                *w = F::from_f64(std * z);
+            }
+            Ok(Array2::from_shape_vec((r, c), v).expect("r·c = len"))
         };
-        let w1 = normal(dim, hidden, (1.0 / dim as f64).sqrt());
-        let w2 = normal(hidden, dim, (1.0 / hidden as f64).sqrt());
+        let w1 = normal(dim, hidden, (1.0 / dim as f64).sqrt())?;
+        let w2 = normal(hidden, dim, (1.0 / hidden as f64).sqrt())?;
         Ok(Mlp {
             w1,
             b1: Array1::zeros(hidden),

@@ -547,3 +547,56 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn extreme_but_valid_inputs_give_finite_results() {
+    let mut cfg = MhcConfig::new(4, 16);
+    cfg.phi_std = 0.05;
+    let block = MhcBlock::<f32>::new(cfg, &mut StdRng::seed_from_u64(1)).unwrap();
+    let hc = HcBlock::<f32>::from_params(
+        HcConfig::new(4, 16),
+        HcParams {
+            theta_pre: Array1::from_elem(16, 0.1),
+            ..HcParams::init(4, 16, 0, 0.5)
+        },
+    )
+    .unwrap();
+    let pattern = random_x(6, 4, 16, 9).mapv(|v| v as f32);
+    for scale in [f32::MAX / 1e3 / 2.0, 1e-30, 0.0, 1e20] {
+        let x = &pattern * scale;
+        let zero = |u: ndarray::ArrayView2<f32>| Array2::zeros(u.raw_dim());
+        let out = block.forward(x.view(), zero).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()), "scale {scale}");
+        let maps = block.mappings(x.view()).unwrap();
+        for row in maps.res.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-5, "scale {scale}: {row:?}");
+        }
+        assert!(
+            hc.forward(x.view(), zero)
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite()),
+            "hc scale {scale}"
+        );
+        let (o, y) = block.forward_train(x.view(), zero).unwrap();
+        let up = Array3::from_elem(o.raw_dim(), 1e-3f32);
+        let (dx, g) = block
+            .backward(x.view(), y.view(), up.view(), |_, dy| dy.to_owned())
+            .unwrap();
+        assert!(
+            dx.iter().chain(g.phi.iter()).all(|v| v.is_finite()),
+            "backward scale {scale}"
+        );
+    }
+}
+
+#[test]
+fn repeated_runs_are_bitwise_identical() {
+    let block = random_block(4, 16, 3, BiasInit::IdentityLike);
+    let x = random_x(700, 4, 16, 4);
+    let f = |u: ndarray::ArrayView2<f64>| u.mapv(f64::sin);
+    let first = block.forward(x.view(), f).unwrap();
+    for _ in 0..3 {
+        assert!(block.forward(x.view(), f).unwrap() == first);
+    }
+}

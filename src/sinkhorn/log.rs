@@ -114,3 +114,43 @@ pub(crate) fn backward<F: Float>(n: usize, iters: usize, eps: F, store: &[F], g:
     }
     back(false, &store[..nn], g);
 }
+
+/// [`forward`] in f64 whatever `F` is (an `f32` log-iterate of magnitude ~400 keeps only
+/// 1e-5 absolute accuracy; f64 keeps the rows summing to 1 within `f32` rounding), with `eps`
+/// as `F` represents it. `store` is [`iterates_len`] f64 scratch.
+pub(crate) fn project_one<F: Float>(
+    n: usize,
+    iters: usize,
+    eps: F,
+    logits: &[F],
+    store: &mut [f64],
+    out: &mut [F],
+) {
+    let nn = n * n;
+    let l: Vec<f64> = logits[..nn].iter().map(|v| v.as_f64()).collect();
+    let mut p = vec![0.0f64; nn];
+    forward(n, iters, eps.as_f64(), &l, store, &mut p);
+    for (o, v) in out[..nn].iter_mut().zip(p) {
+        *o = F::from_f64(v);
+    }
+}
+
+/// The VJP of [`project_one`], in f64.
+pub(crate) fn vjp_one<F: Float>(
+    n: usize,
+    iters: usize,
+    eps: F,
+    logits: &[F],
+    upstream: &[F],
+    store: &mut [f64],
+    grad: &mut [F],
+) {
+    let nn = n * n;
+    let mut p = vec![F::zero(); nn];
+    project_one(n, iters, eps, logits, store, &mut p);
+    let mut g: Vec<f64> = upstream[..nn].iter().map(|v| v.as_f64()).collect();
+    backward(n, iters, eps.as_f64(), store, &mut g);
+    for (o, v) in grad[..nn].iter_mut().zip(g) {
+        *o = F::from_f64(v);
+    }
+}

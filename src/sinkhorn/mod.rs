@@ -300,10 +300,11 @@ impl SinkhornKnopp {
         );
         for m in fallback {
             if log_store.is_empty() {
-                log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                log_store =
+                    try_zeroed::<f64>("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
             }
             let range = m * nn..(m + 1) * nn;
-            log::forward(
+            log::project_one(
                 n,
                 self.iters,
                 plan.eps,
@@ -459,20 +460,20 @@ impl SinkhornKnopp {
         );
         for m in fallback {
             if log_store.is_empty() {
-                log_store = try_zeroed("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
+                log_store =
+                    try_zeroed::<f64>("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
             }
             let range = m * nn..(m + 1) * nn;
-            let mut p = vec![F::zero(); nn];
-            log::forward(
+            let (l, u) = (&logits[range.clone()], &upstream[range.clone()]);
+            log::vjp_one(
                 n,
                 self.iters,
                 plan.eps,
-                &logits[range.clone()],
+                l,
+                u,
                 &mut log_store,
-                &mut p,
+                &mut grad[range],
             );
-            grad[range.clone()].copy_from_slice(&upstream[range.clone()]);
-            log::backward(n, self.iters, plan.eps, &log_store, &mut grad[range]);
         }
         Ok(())
     }
