@@ -32,7 +32,6 @@ impl<F: Float> Mappings<F> {
     ///
     /// If `t·n·n` overflows `usize` or cannot be allocated (the crate's own calls check both
     /// and return an error instead).
-
     ///
     /// # Examples
     ///

@@ -85,7 +85,15 @@ impl<F: Float> Mlp<F> {
     ///
     /// [`Error::InvalidDimension`] if `dim` or `hidden` is 0; [`Error::SizeOverflow`] or
     /// [`Error::AllocationFailed`] if the weights do not fit.
-
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// let mlp = mhc::Mlp::<f64>::new(16, 64, &mut StdRng::seed_from_u64(0))?;
+    /// assert_eq!((mlp.dim(), mlp.w1.shape()), (16, &[16, 64][..]));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
     pub fn new(dim: usize, hidden: usize, rng: &mut impl Rng) -> Result<Self> {
         for (what, v) in [("dim", dim), ("hidden", hidden)] {
             if v == 0 {
