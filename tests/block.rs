@@ -12,20 +12,44 @@ use mhc::{
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use proptest::prelude::*;
 
-fn mhc_reference<F: Float>(tol: f64) {
-    for (k, c) in cases("mhc_block").iter().enumerate() {
-        let (cfg, params) = mhc_case::<F>(c);
-        let block = MhcBlock::from_params(cfg, params).unwrap();
-        let x = a3::<F>(&c["x"]);
-        let w = a2::<F>(&c["sublayer_w"]);
-        let maps = block.mappings(x.view()).unwrap();
-        let what = |s: &str| format!("{} mhc case {k} {s}", F::NAME);
+/// Checks a block's mappings and output against one reference file; `run` builds the block
+/// from a case and returns `(mappings, output)` for its `x` and sublayer.
+fn reference<F: Float>(
+    file: &str,
+    tol: f64,
+    run: impl Fn(&serde_json::Value, &Array3<F>, &Array2<F>) -> (Mappings<F>, Array3<F>),
+) {
+    for (k, c) in cases(file).iter().enumerate() {
+        let (x, w) = (a3::<F>(&c["x"]), a2::<F>(&c["sublayer_w"]));
+        let (maps, out) = run(c, &x, &w);
+        let what = |s: &str| format!("{} {file} case {k} {s}", F::NAME);
         assert_close(&what("pre"), &dyn_f64(&maps.pre), &arr(&c["pre"]), tol);
         assert_close(&what("post"), &dyn_f64(&maps.post), &arr(&c["post"]), tol);
         assert_close(&what("res"), &dyn_f64(&maps.res), &arr(&c["res"]), tol);
-        let out = block.forward(x.view(), |u| tanh_layer(u, &w)).unwrap();
         assert_close(&what("output"), &dyn_f64(&out), &arr(&c["output"]), tol);
     }
+}
+
+fn mhc_reference<F: Float>(tol: f64) {
+    reference::<F>("mhc_block", tol, |c, x, w| {
+        let (cfg, params) = mhc_case::<F>(c);
+        let block = MhcBlock::from_params(cfg, params).unwrap();
+        (
+            block.mappings(x.view()).unwrap(),
+            block.forward(x.view(), |u| tanh_layer(u, w)).unwrap(),
+        )
+    });
+}
+
+fn hc_reference<F: Float>(tol: f64) {
+    reference::<F>("hc_block", tol, |c, x, w| {
+        let (cfg, params) = hc_case::<F>(c);
+        let block = HcBlock::from_params(cfg, params).unwrap();
+        (
+            block.mappings(x.view()).unwrap(),
+            block.forward(x.view(), |u| tanh_layer(u, w)).unwrap(),
+        )
+    });
 }
 
 #[test]
@@ -36,22 +60,6 @@ fn mhc_reference_vectors_f64() {
 #[test]
 fn mhc_reference_vectors_f32() {
     mhc_reference::<f32>(1e-4);
-}
-
-fn hc_reference<F: Float>(tol: f64) {
-    for (k, c) in cases("hc_block").iter().enumerate() {
-        let (cfg, params) = hc_case::<F>(c);
-        let block = HcBlock::from_params(cfg, params).unwrap();
-        let x = a3::<F>(&c["x"]);
-        let w = a2::<F>(&c["sublayer_w"]);
-        let maps = block.mappings(x.view()).unwrap();
-        let what = |s: &str| format!("{} hc case {k} {s}", F::NAME);
-        assert_close(&what("pre"), &dyn_f64(&maps.pre), &arr(&c["pre"]), tol);
-        assert_close(&what("post"), &dyn_f64(&maps.post), &arr(&c["post"]), tol);
-        assert_close(&what("res"), &dyn_f64(&maps.res), &arr(&c["res"]), tol);
-        let out = block.forward(x.view(), |u| tanh_layer(u, &w)).unwrap();
-        assert_close(&what("output"), &dyn_f64(&out), &arr(&c["output"]), tol);
-    }
 }
 
 #[test]

@@ -171,17 +171,13 @@ impl SinkhornKnopp {
     pub fn project_into<F: Float>(
         &self,
         logits: ArrayView2<F>,
-        mut out: ArrayViewMut2<F>,
+        out: ArrayViewMut2<F>,
     ) -> Result<()> {
-        let n = self.check_logits(logits.shape())?;
-        check_same("out", &[n, n], out.shape())?;
-        let l = logits.as_standard_layout();
-        let l = l.as_slice().expect("standard layout");
-        check_finite("logits", n * n, l)?;
-        let mut buf = vec![F::zero(); n * n];
-        self.project_slices(n, l, &mut buf)?;
-        out.assign(&ndarray::ArrayView2::from_shape((n, n), &buf).expect("n*n"));
-        Ok(())
+        self.project_batch_into(
+            logits.insert_axis(ndarray::Axis(0)),
+            out.insert_axis(ndarray::Axis(0)),
+        )
+        .map_err(single_matrix)
     }
 
     /// Projects a batch of matrices, in parallel over chunks of the batch.
@@ -348,19 +344,11 @@ impl SinkhornKnopp {
         logits: ArrayView2<F>,
         upstream: ArrayView2<F>,
     ) -> Result<Array2<F>> {
-        let n = self.check_logits(logits.shape())?;
         let b = self.vjp_batch(
             logits.insert_axis(ndarray::Axis(0)),
             upstream.insert_axis(ndarray::Axis(0)),
         );
-        let b = b.map_err(|e| match e {
-            Error::ShapeMismatch { what, got, .. } => Error::ShapeMismatch {
-                what,
-                expected: vec![n, n],
-                got: got[1..].to_vec(),
-            },
-            e => e,
-        })?;
+        let b = b.map_err(single_matrix)?;
         Ok(b.index_axis_move(ndarray::Axis(0), 0))
     }
 
@@ -476,6 +464,26 @@ impl SinkhornKnopp {
             );
         }
         Ok(())
+    }
+}
+
+/// An error of a one-matrix batch, reported as for the single matrix (without the batch axis).
+fn single_matrix(e: Error) -> Error {
+    match e {
+        Error::ShapeMismatch {
+            what,
+            expected,
+            got,
+        } => Error::ShapeMismatch {
+            what,
+            expected: expected[1..].to_vec(),
+            got: got[1..].to_vec(),
+        },
+        Error::NotSquare { what, got } => Error::NotSquare {
+            what,
+            got: got[1..].to_vec(),
+        },
+        e => e,
     }
 }
 
