@@ -2,7 +2,8 @@
 //!
 //! Run: `cargo run --release --example train` (flags: `--layers 32 --dim 32 --tokens 256
 //! --steps 300 --lrs 0.001,0.003,0.01,0.03,0.1 --clip 0 --threads 2 --out target/plots`;
-//! `--clip N` clips the global gradient norm at `N`, 0 turns clipping off)
+//! `--clip N` clips the global gradient norm at `N`, 0 turns clipping off; `--variants
+//! residual,hc,mhc,mhc-id` picks the variants, `mhc-id` being mHC with the identity-like bias)
 
 //!
 //! The task is generated here: regression onto a fixed random deep teacher network
@@ -30,6 +31,7 @@ struct Args {
     tokens: usize,
     steps: usize,
     lrs: Vec<f64>,
+    variants: Vec<String>,
     clip: f32,
     threads: usize,
     out: String,
@@ -42,6 +44,7 @@ fn args() -> Args {
         tokens: 256,
         steps: 300,
         lrs: vec![1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+        variants: ["residual", "hc", "mhc"].map(String::from).to_vec(),
         clip: 0.0,
         threads: 2,
         out: "target/plots".into(),
@@ -54,6 +57,7 @@ fn args() -> Args {
             "--dim" => a.dim = val.parse().expect("--dim C"),
             "--tokens" => a.tokens = val.parse().expect("--tokens T"),
             "--steps" => a.steps = val.parse().expect("--steps N"),
+            "--variants" => a.variants = val.split(',').map(String::from).collect(),
             "--lrs" => {
                 a.lrs = val
                     .split(',')
@@ -103,9 +107,13 @@ impl Net {
                     cfg.layer = k;
                     Mix::Hc(Box::new(HcBlock::new(cfg).expect("valid")))
                 }
-                _ => Mix::Mhc(Box::new(
-                    MhcBlock::new(MhcConfig::new(STREAMS, c), rng).expect("valid"),
-                )),
+                _ => {
+                    let mut cfg = MhcConfig::new(STREAMS, c);
+                    if kind == "mhc-id" {
+                        cfg.bias_init = mhc::BiasInit::IdentityLike;
+                    }
+                    Mix::Mhc(Box::new(MhcBlock::new(cfg, rng).expect("valid")))
+                }
             })
             .collect();
         let head = Array2::from_shape_simple_fn((c, c), || {
@@ -335,7 +343,7 @@ impl Adam {
 }
 
 struct Run {
-    kind: &'static str,
+    kind: String,
     lr: f64,
     loss: Vec<f32>,
     grad_norm: Vec<f32>,
@@ -357,7 +365,7 @@ fn main() {
     let eval_h = Array2::from_shape_simple_fn((t, c), || input.sample(&mut rng));
     let eval_y = teacher.apply(&eval_h);
 
-    let kinds = ["residual", "hc", "mhc"];
+    let kinds = a.variants.clone();
     let total = (kinds.len() * a.lrs.len() * a.steps) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -366,7 +374,7 @@ fn main() {
     );
     let mut runs = Vec::new();
     for &lr in &a.lrs {
-        for kind in kinds {
+        for kind in &kinds {
             bar.set_message(format!("{kind:8} lr {lr:.0e}"));
             let mut net = Net::new(kind, l, c, &mut StdRng::seed_from_u64(1));
             let mut adam = Adam {
@@ -376,7 +384,7 @@ fn main() {
             };
             let mut data = StdRng::seed_from_u64(2);
             let mut run = Run {
-                kind,
+                kind: kind.clone(),
                 lr,
                 loss: vec![],
                 grad_norm: vec![],
@@ -512,10 +520,14 @@ fn plot(
             .x_desc("step")
             .y_label_formatter(&|v| format!("{v:.0e}"))
             .draw()?;
-        for (r, color) in runs.iter().filter(|r| r.lr == lr).zip([BLACK, RED, BLUE]) {
+        for (r, color) in runs
+            .iter()
+            .filter(|r| r.lr == lr)
+            .zip([BLACK, RED, BLUE, GREEN])
+        {
             chart
                 .draw_series(LineSeries::new(series(r), color.stroke_width(2)))?
-                .label(r.kind)
+                .label(r.kind.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         chart
