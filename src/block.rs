@@ -12,6 +12,14 @@ use crate::sinkhorn::{check_finite, check_same};
 use crate::{Float, SinkhornKnopp};
 
 /// The initial bias of an mHC block (SPEC §3).
+///
+/// The default is [`BiasInit::Zero`], the paper-consistent choice: at initialisation the block
+/// is exactly a pre-norm residual connection. Measured with `cargo run --release --example
+/// train -- --variants mhc,mhc-id` (32 layers, C = 32, 300 Adam steps, one seed), the
+/// identity-like bias reached a 4–8 % lower loss at learning rates 1e-3 to 1e-2 (0.081, 0.065,
+/// 0.063 against 0.084, 0.070, 0.068) and still trained at 1e-1 where the zero bias diverged,
+/// while the zero bias was 3 % better at 3e-2. Differences of that size on one seed of a toy task
+/// do not justify leaving the paper's initialisation; both are one field away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum BiasInit {
