@@ -15,7 +15,25 @@
 //! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention; HC
 //!   shares the [`mixing`] kernels with mHC.
 //! - [`gain`]: the paper's Amax gain diagnostics, per layer and composite.
-//! - [`streams::expand`] / [`streams::collapse`]: entering and leaving the `n` streams.
+//! - [`streams::expand`] / [`streams::collapse`]: entering and leaving the `n` streams;
+//!   [`streams::LearnedCollapse`] for DeepSeek-V4's learned head.
+//! - [`Mlp`]: a reference sublayer with a hand-written backward pass, for examples and benches.
+//! - `io` (feature `safetensors`, on by default): weights in safetensors files, ours and
+//!   DeepSeek-V4's `hc_*` layout.
+//!
+//! # Features
+//!
+//! - `rayon` (default): parallel over fixed chunks of tokens; results are bitwise identical
+//!   with any number of threads and with the feature off.
+//! - `safetensors` (default): the `io` module.
+//!
+//! # Training flow
+//!
+//! `forward_train` returns the block output and the sublayer output `y`; keep `x` and `y`.
+//! `backward(x, y, ∂out, vjp)` recomputes the mappings and `u`, calls `vjp(u, ∂y) → ∂u` once,
+//! and returns `∂x` and the parameters' gradients. When the sublayer's backward lives in
+//! another framework, call [`MhcBlock::write_in_backward`] (gives `u` and `∂y` in a [`Tape`]),
+//! run that backward, then [`MhcBlock::read_out_backward`] with `∂u`.
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 #![doc(test(attr(deny(warnings))))]
