@@ -25,6 +25,19 @@ use crate::{Float, par};
 /// # Shapes
 ///
 /// - `u`, `dy`: `[T, C]`
+///
+/// # Examples
+///
+/// ```
+/// use mhc::rand::{SeedableRng, rngs::StdRng};
+/// use ndarray::Array3;
+/// let block = mhc::MhcBlock::<f64>::new(mhc::MhcConfig::new(2, 3), &mut StdRng::seed_from_u64(0))?;
+/// let x = Array3::from_elem((4, 2, 3), 0.5);
+/// let (out, y) = block.forward_train(x.view(), |u| u.to_owned())?;
+/// let tape: mhc::Tape<f64> = block.write_in_backward(x.view(), y.view(), Array3::ones(out.raw_dim()).view())?;
+/// assert_eq!((tape.u.shape(), tape.dy.shape()), (&[4, 3][..], &[4, 3][..]));
+/// # Ok::<(), mhc::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Tape<F> {
     /// The sublayer input `u = Σ_j H_pre[j] x_j`, recomputed: `[T, C]`.

@@ -180,12 +180,16 @@ pub(crate) fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> 
 
 /// A zeroed buffer of `len` elements, with allocation failure reported as an error, not an abort.
 pub(crate) fn try_zeroed<F: Copy + Default>(what: &'static str, len: usize) -> Result<Vec<F>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
+    // Ask first, fallibly; then allocate with `vec!`, which for a zero float takes zeroed
+    // memory from the allocator (`calloc`: fresh pages are already zero) instead of writing
+    // every element, one pass over the buffer fewer before the kernels fill it.
+    let mut probe = Vec::<F>::new();
+    probe
+        .try_reserve_exact(len)
         .map_err(|_| Error::AllocationFailed {
             what,
             bytes: len.saturating_mul(std::mem::size_of::<F>()),
         })?;
-    v.resize(len, F::default());
-    Ok(v)
+    drop(probe);
+    Ok(vec![F::default(); len])
 }
