@@ -456,6 +456,53 @@ fn streams_from_rows(rows: usize) -> Option<usize> {
     (n > 0 && n.checked_mul(n + 2) == Some(rows)).then_some(n)
 }
 
+/// DeepSeek-V4's `{prefix}_fn` (`[rows, n·C]`, `n = streams(rows)`, `form` describing that
+/// shape for the error message), `{prefix}_base` (`[rows]`) and `{prefix}_scale`
+/// (`[scales]`).
+fn v4_tensors<F: Float>(
+    path: &Path,
+    prefix: &str,
+    form: &str,
+    streams: impl Fn(usize) -> Option<usize>,
+    scales: usize,
+) -> Result<V4Tensors<F>> {
+    let file = File::read(path)?;
+    let (st, _) = file.parse()?;
+    let fn_name = format!("{prefix}_fn");
+    let shape = shape_of(&st, &fn_name)?;
+    let bad_shape = || {
+        format_err(format!(
+            "tensor `{fn_name}` has shape {shape:?}: expected {form} for integers n, C >= 1"
+        ))
+    };
+    let [rows, nc] = shape[..] else {
+        return Err(bad_shape());
+    };
+    let n = streams(rows).ok_or_else(bad_shape)?;
+    if nc == 0 || nc % n != 0 {
+        return Err(bad_shape());
+    }
+    let w = tensor::<F>(&st, &fn_name, &[rows, nc])?;
+    let base = tensor::<F>(&st, &format!("{prefix}_base"), &[rows])?;
+    let scale = tensor::<F>(&st, &format!("{prefix}_scale"), &[scales])?;
+    Ok(V4Tensors {
+        n,
+        nc,
+        w,
+        base,
+        scale,
+    })
+}
+
+/// What [`v4_tensors`] reads.
+struct V4Tensors<F> {
+    n: usize,
+    nc: usize,
+    w: Vec<F>,
+    base: Vec<F>,
+    scale: Vec<F>,
+}
+
 /// Loads one DeepSeek-V4 hyper-connection layer (tensors `{prefix}_fn`, `{prefix}_base`,
 /// `{prefix}_scale`, e.g. `prefix = "layers.0.hc_attn"`) as an [`MhcBlock`] that reproduces
 /// V4's computation: `n` and `C` from the shapes, the comb block transposed into `H_res`
@@ -476,26 +523,14 @@ fn streams_from_rows(rows: usize) -> Option<usize> {
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn load_deepseek_v4<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Result<MhcBlock<F>> {
-    let file = File::read(path.as_ref())?;
-    let (st, _) = file.parse()?;
-    let fn_name = format!("{prefix}_fn");
-    let shape = shape_of(&st, &fn_name)?;
-    let bad_shape = || {
-        format_err(format!(
-            "tensor `{fn_name}` has shape {shape:?}: expected [n(n+2), n·C] for integers n, C >= 1"
-        ))
-    };
-    let [m, nc] = shape[..] else {
-        return Err(bad_shape());
-    };
-    let n = streams_from_rows(m).ok_or_else(bad_shape)?;
-    if nc == 0 || nc % n != 0 {
-        return Err(bad_shape());
-    }
-    let c = nc / n;
-    let w = tensor::<F>(&st, &fn_name, &[m, nc])?;
-    let base = tensor::<F>(&st, &format!("{prefix}_base"), &[m])?;
-    let scale = tensor::<F>(&st, &format!("{prefix}_scale"), &[3])?;
+    let V4Tensors {
+        n,
+        nc,
+        w,
+        base,
+        scale,
+    } = v4_tensors::<F>(path.as_ref(), prefix, "[n(n+2), n·C]", streams_from_rows, 3)?;
+    let (m, c) = (n * (n + 2), nc / n);
     // Our column `col` is V4's row `v4_row(col)`: pre and post in place, comb transposed.
     let v4_row = |col: usize| {
         if col < 2 * n {
@@ -543,24 +578,19 @@ pub fn load_deepseek_v4_head<F: Float>(
     path: impl AsRef<Path>,
     prefix: &str,
 ) -> Result<LearnedCollapse<F>> {
-    let file = File::read(path.as_ref())?;
-    let (st, _) = file.parse()?;
-    let fn_name = format!("{prefix}_fn");
-    let shape = shape_of(&st, &fn_name)?;
-    let bad_shape = || {
-        format_err(format!(
-            "tensor `{fn_name}` has shape {shape:?}: expected [n, n·C] for integers n, C >= 1"
-        ))
-    };
-    let [n, nc] = shape[..] else {
-        return Err(bad_shape());
-    };
-    if n == 0 || nc == 0 || nc % n != 0 {
-        return Err(bad_shape());
-    }
-    let w = tensor::<F>(&st, &fn_name, &[n, nc])?;
-    let base = tensor::<F>(&st, &format!("{prefix}_base"), &[n])?;
-    let scale = tensor::<F>(&st, &format!("{prefix}_scale"), &[1])?;
+    let V4Tensors {
+        n,
+        nc,
+        w,
+        base,
+        scale,
+    } = v4_tensors::<F>(
+        path.as_ref(),
+        prefix,
+        "[n, n·C]",
+        |n| (n > 0).then_some(n),
+        1,
+    )?;
     let phi = Array2::from_shape_fn((nc, n), |(k, j)| w[j * nc + k]);
     LearnedCollapse::new(n, nc / n, phi, scale[0], Array1::from(base), 1e-6, 1e-6)
 }
