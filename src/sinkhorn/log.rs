@@ -47,6 +47,14 @@ pub(crate) fn iterates_len(n: usize, iters: usize) -> usize {
     n * n * (2 + 2 * iters - 1)
 }
 
+/// The f64 scratch of [`project_one`] / [`vjp_one`], empty when no matrix needs the log domain.
+pub(crate) fn scratch(n: usize, iters: usize, matrices: usize) -> crate::Result<Vec<f64>> {
+    if matrices == 0 {
+        return Ok(Vec::new());
+    }
+    crate::error::try_zeroed("sinkhorn log scratch", iterates_len(n, iters))
+}
+
 /// Runs SPEC §2 in log space on `logits` (row-major `n×n`), writing every log-iterate to
 /// `store` (length [`iterates_len`]) and the projection to `out`.
 pub(crate) fn forward<F: Float>(

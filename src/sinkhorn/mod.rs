@@ -275,7 +275,6 @@ impl SinkhornKnopp {
         let plan = Plan::<F>::new(n, self.iters, self.eps);
         let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
         let mut den = try_zeroed("sinkhorn scratch", n * LANES)?;
-        let mut log_store = Vec::new();
         // Linear domain, vectorised; remember the matrices that need the log domain.
         let mut fallback = Vec::new();
         par::vectorized(
@@ -294,11 +293,8 @@ impl SinkhornKnopp {
                 }
             },
         );
+        let mut log_store = log::scratch(n, self.iters, fallback.len())?;
         for m in fallback {
-            if log_store.is_empty() {
-                log_store =
-                    try_zeroed::<f64>("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
-            }
             let range = m * nn..(m + 1) * nn;
             log::project_one(
                 n,
@@ -425,7 +421,6 @@ impl SinkhornKnopp {
         debug_assert!(store_len >= plan.store_len());
         let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
         let mut store = try_zeroed("sinkhorn vjp scratch", plan.store_len())?;
-        let mut log_store = Vec::new();
         let mut fallback = Vec::new();
         par::vectorized(
             #[inline(always)]
@@ -446,11 +441,8 @@ impl SinkhornKnopp {
                 }
             },
         );
+        let mut log_store = log::scratch(n, self.iters, fallback.len())?;
         for m in fallback {
-            if log_store.is_empty() {
-                log_store =
-                    try_zeroed::<f64>("sinkhorn log scratch", log::iterates_len(n, self.iters))?;
-            }
             let range = m * nn..(m + 1) * nn;
             let (l, u) = (&logits[range.clone()], &upstream[range.clone()]);
             log::vjp_one(
