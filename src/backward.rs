@@ -11,7 +11,7 @@
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
 use crate::error::{Result, checked_size, try_zeroed};
-use crate::mappings::{MappingKernel, Mappings, SUB_TOKENS, project};
+use crate::mappings::{MapScratch, MappingKernel, Mappings, SUB_TOKENS, project};
 use crate::mixing::{
     all_finite, blame, check_x, read_out_backward_token, read_out_token, write_in_backward_token,
 };
@@ -113,6 +113,7 @@ pub(crate) fn write_in_backward<F: Float>(
                     let t0 = i * tt;
                     let tc = pre.len() / n;
                     let mut scratch = vec![F::zero(); n * n];
+                    let mut ws = MapScratch::default();
                     for a in (0..tc).step_by(SUB_TOKENS) {
                         let b = (a + SUB_TOKENS).min(tc);
                         let xs = &x[(t0 + a) * n * c..(t0 + b) * n * c];
@@ -124,6 +125,7 @@ pub(crate) fn write_in_backward<F: Float>(
                             &mut pre[a * n..b * n],
                             &mut post[a * n..b * n],
                             &mut res[a * n * n..b * n * n],
+                            &mut ws,
                         )?;
                         for tl in a..b {
                             let tg = t0 + tl;
@@ -225,6 +227,7 @@ pub(crate) fn read_out_backward<F: Float>(
                 let (dw, acc) = part.split_at_mut(kk * m);
                 let mut dpre = vec![F::zero(); SUB_TOKENS * n];
                 let mut dargs = vec![F::zero(); SUB_TOKENS * rpt * m];
+                let mut ws = MapScratch::default();
                 for a in (0..tc).step_by(SUB_TOKENS) {
                     let b = (a + SUB_TOKENS).min(tc);
                     let (ga, gb) = (t0 + a, t0 + b);
@@ -266,6 +269,7 @@ pub(crate) fn read_out_backward<F: Float>(
                         &dres[ga * n * n..gb * n * n],
                         da,
                         acc,
+                        &mut ws,
                     )?;
                     // RMS normalisation, args = (x·W) / r: ∂(x·W) = ∂args / r, and through r,
                     // ∂x += (∂r / (K r)) x with ∂r = −(∂args · args) / r.

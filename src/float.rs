@@ -50,6 +50,12 @@ pub trait Float:
     /// (the one Eigen uses), for `f64` the standard library's. Not part of the stable API.
     #[doc(hidden)]
     fn tanh_fast(self) -> Self;
+    /// `exp`, vectorisable: for `f32` a range reduction and a degree-7 polynomial (Cephes'
+    /// `expf`) accurate to 2 ulp, results below `MIN_POSITIVE` flushed to zero; for `f64` the
+    /// standard library's. Branch-free and made of `+ − ×` only, so every SIMD copy gives the
+    /// same bits. Not part of the stable API.
+    #[doc(hidden)]
+    fn exp_fast(self) -> Self;
     /// `dst (+)= lhs · rhs` through faer, on rayon's pool when `parallel`. Not part of the
     /// stable API.
     #[doc(hidden)]
@@ -76,7 +82,11 @@ macro_rules! impl_float {
             }
             #[inline(always)]
             fn tanh_fast(self) -> Self {
-                tanh_impl(self)
+                self.tanh_impl()
+            }
+            #[inline(always)]
+            fn exp_fast(self) -> Self {
+                self.exp_impl()
             }
             fn gemm(
                 dst: faer::MatMut<'_, Self>,
@@ -105,23 +115,24 @@ macro_rules! impl_float {
 impl_float!(f32);
 impl_float!(f64);
 
-#[inline(always)]
-fn tanh_impl<T: TanhImpl>(x: T) -> T {
-    x.tanh_impl()
-}
-
-trait TanhImpl {
+/// The per-type approximations behind [`Float::tanh_fast`] and [`Float::exp_fast`].
+trait FastImpl {
     fn tanh_impl(self) -> Self;
+    fn exp_impl(self) -> Self;
 }
 
-impl TanhImpl for f64 {
+impl FastImpl for f64 {
     #[inline(always)]
     fn tanh_impl(self) -> f64 {
         self.tanh()
     }
+    #[inline(always)]
+    fn exp_impl(self) -> f64 {
+        self.exp()
+    }
 }
 
-impl TanhImpl for f32 {
+impl FastImpl for f32 {
     /// Rational approximation `x·p(x²)/q(x²)` on `[−7.905, 7.905]` (saturated outside), as in
     /// Eigen's `generic_fast_tanh_float`: max error a few ulp, branch-free so it vectorises.
     #[inline(always)]
@@ -144,5 +155,68 @@ impl TanhImpl for f32 {
         let q = B[0] + x2 * (B[1] + x2 * (B[2] + x2 * B[3]));
         let t = p / q;
         if self.abs() < 4e-4 { self } else { t }
+    }
+
+    /// `exp(x) = 2^k · e^r` with `k = round(x / ln 2)` and `|r| ≤ ln 2 / 2` (Cody-Waite: `ln 2`
+    /// split in two so `r` is exact), `e^r` by Cephes' minimax polynomial, `2^k` built in the
+    /// exponent bits. `k` comes out of the float's bits after adding `1.5 · 2^23`, so no
+    /// conversion instruction is involved. Inputs are clamped to the range where `2^k` is a
+    /// normal number: results for `x < ln(MIN_POSITIVE)` are `0`, for `x > 88` `e^88`.
+    #[inline(always)]
+    fn exp_impl(self) -> f32 {
+        const LO: f32 = -87.336_55; // ln(f32::MIN_POSITIVE)
+        const HI: f32 = 88.0; // 2^k stays finite (k ≤ 127)
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+        const P: [f32; 6] = [
+            1.987_569_2e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ];
+        let x = self.clamp(LO, HI);
+        let t = x * LOG2E + MAGIC;
+        let k = t - MAGIC;
+        let r = (x - k * LN2_HI) - k * LN2_LO;
+        let p = (((((P[0] * r + P[1]) * r + P[2]) * r + P[3]) * r + P[4]) * r + P[5]) * (r * r)
+            + r
+            + 1.0;
+        // t's low mantissa bits hold k (|k| ≤ 127 ≪ 2^22): k + 127 is the biased exponent.
+        let ki = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+        let scale = f32::from_bits(((ki + 127) << 23) as u32);
+        let y = p * scale;
+        if self < LO { 0.0 } else { y }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Float;
+
+    /// `exp_fast` for `f32` against `f64::exp` over the whole useful range: within 2 ulp where
+    /// the result is normal, zero below, NaN kept.
+    #[test]
+    fn exp_fast_f32_is_accurate() {
+        let mut worst = 0.0f64;
+        let steps = 2_000_000;
+        for k in 0..=steps {
+            let x = -90.0 + 178.0 * k as f32 / steps as f32;
+            let got = x.exp_fast() as f64;
+            let want = (x as f64).exp();
+            if x < -87.336_55 {
+                assert_eq!(got, 0.0, "x = {x}");
+            } else if x <= 88.0 {
+                let ulp = f32::EPSILON as f64 * want;
+                worst = worst.max((got - want).abs() / ulp);
+            }
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert!(f32::NAN.exp_fast().is_nan());
+        assert_eq!(0.0f32.exp_fast(), 1.0);
+        assert!((100.0f32).exp_fast().is_finite());
     }
 }

@@ -182,6 +182,7 @@ pub(crate) trait MappingKernel<F: Float>: Sync {
         pre: &mut [F],
         post: &mut [F],
         res: &mut [F],
+        ws: &mut MapScratch<F>,
     ) -> Result<()>;
     /// The backward of [`Self::maps`]: from `args`, the mappings and their gradients, the
     /// gradient with respect to `args` (`dargs`, overwritten) and the small parameters'
@@ -197,6 +198,7 @@ pub(crate) trait MappingKernel<F: Float>: Sync {
         dres: &[F],
         dargs: &mut [F],
         acc: &mut [F],
+        ws: &mut MapScratch<F>,
     ) -> Result<()>;
 }
 
@@ -215,15 +217,14 @@ pub(crate) struct MhcKernel<'a, F> {
 
 impl<F: Float> MhcKernel<'_, F> {
     /// The `H_res` logits `α_res · h_res + b_res` of the tokens whose `h` is in `args`.
-    fn res_logits(&self, args: &[F]) -> Vec<F> {
+    fn res_logits(&self, args: &[F], lg: &mut Vec<F>) {
         let (n, m) = (self.n, self.width());
-        let mut lg = Vec::with_capacity(args.len() / m * n * n);
+        lg.clear();
         for h in args.chunks(m) {
             for (k, &v) in h[2 * n..].iter().enumerate() {
                 lg.push(self.alpha[2] * v + self.bias[2 * n + k]);
             }
         }
-        lg
     }
 }
 
@@ -254,6 +255,7 @@ impl<F: Float> MappingKernel<F> for MhcKernel<'_, F> {
         pre: &mut [F],
         post: &mut [F],
         res: &mut [F],
+        ws: &mut MapScratch<F>,
     ) -> Result<()> {
         let (n, m) = (self.n, self.width());
         let [a_pre, a_post, _] = self.alpha;
@@ -264,14 +266,16 @@ impl<F: Float> MappingKernel<F> for MhcKernel<'_, F> {
                 post[t * n + j] = two * sigmoid(a_post * h[n + j] + self.bias[n + j]);
             }
         }
-        let lg = self.res_logits(args);
+        let MapScratch { sk, lg, .. } = ws;
+        self.res_logits(args, lg);
         if let Some(p) = lg.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "mapping logits (overflow)",
                 index: t0 + p / (n * n),
             });
         }
-        self.sinkhorn.project_slices(n, &lg, &mut res[..lg.len()])
+        self.sinkhorn
+            .project_slices(n, lg, &mut res[..lg.len()], sk)
     }
 
     fn grads(
@@ -284,13 +288,16 @@ impl<F: Float> MappingKernel<F> for MhcKernel<'_, F> {
         dres: &[F],
         dargs: &mut [F],
         acc: &mut [F],
+        ws: &mut MapScratch<F>,
     ) -> Result<()> {
         let (n, m) = (self.n, self.width());
         let nn = n * n;
-        let lg = self.res_logits(args);
-        let mut dlg = vec![F::zero(); lg.len()];
+        let MapScratch { sk, lg, dlg } = ws;
+        self.res_logits(args, lg);
+        dlg.clear();
+        dlg.resize(lg.len(), F::zero());
         self.sinkhorn
-            .vjp_slices(n, &lg, &dres[..lg.len()], &mut dlg)?;
+            .vjp_slices(n, lg, &dres[..lg.len()], dlg, sk)?;
         let (one, half) = (F::one(), F::from_f64(0.5));
         let (dalpha, dbias) = acc.split_at_mut(3);
         for (t, h) in args.chunks(m).enumerate() {
@@ -359,6 +366,7 @@ impl<F: Float> MappingKernel<F> for HcKernel<'_, F> {
         pre: &mut [F],
         post: &mut [F],
         res: &mut [F],
+        _ws: &mut MapScratch<F>,
     ) -> Result<()> {
         let (n, m) = (self.n, self.width());
         let [a_pre, a_post, a_res] = self.alpha;
@@ -385,6 +393,7 @@ impl<F: Float> MappingKernel<F> for HcKernel<'_, F> {
         dres: &[F],
         dargs: &mut [F],
         acc: &mut [F],
+        _ws: &mut MapScratch<F>,
     ) -> Result<()> {
         let (n, m) = (self.n, self.width());
         let (dalpha, rest) = acc.split_at_mut(3);
@@ -459,6 +468,7 @@ impl<F: Float> MappingKernel<F> for HeadKernel<'_, F> {
         pre: &mut [F],
         _post: &mut [F],
         _res: &mut [F],
+        _ws: &mut MapScratch<F>,
     ) -> Result<()> {
         for (p, (&h, &b)) in pre
             .iter_mut()
@@ -478,6 +488,7 @@ impl<F: Float> MappingKernel<F> for HeadKernel<'_, F> {
         _dres: &[F],
         dargs: &mut [F],
         acc: &mut [F],
+        _ws: &mut MapScratch<F>,
     ) -> Result<()> {
         let n = self.n;
         for (k, ((&h, &p), &g)) in args.iter().zip(pre).zip(dpre).enumerate() {
@@ -491,11 +502,21 @@ impl<F: Float> MappingKernel<F> for HeadKernel<'_, F> {
     }
 }
 
+/// Buffers that [`MappingKernel::maps`] and [`MappingKernel::grads`] reuse from one
+/// sub-chunk to the next (the `H_res` logits, their gradient, the projector's scratch).
+#[derive(Debug, Default)]
+pub(crate) struct MapScratch<F> {
+    pub sk: crate::sinkhorn::Scratch<F>,
+    pub lg: Vec<F>,
+    pub dlg: Vec<F>,
+}
+
 /// Scratch of one task: projections, normalised projections and `1/r` for [`SUB_TOKENS`]
-/// tokens.
+/// tokens, and the kernel's own buffers.
 pub(crate) struct Scratch<F> {
     pub args: Vec<F>,
     pub inv_r: Vec<F>,
+    pub ws: MapScratch<F>,
 }
 
 impl<F: Float> Scratch<F> {
@@ -504,6 +525,7 @@ impl<F: Float> Scratch<F> {
         Ok(Scratch {
             args: try_zeroed("mapping scratch", rows * k.width())?,
             inv_r: try_zeroed("mapping scratch", rows)?,
+            ws: MapScratch::default(),
         })
     }
 }
@@ -572,6 +594,7 @@ fn run_task<F: Float>(
                     &mut pre[a * n..b * n],
                     &mut post[a * n..b * n],
                     &mut res[a * n * n..b * n * n],
+                    &mut s.ws,
                 )?;
                 if let Some(u) = u.as_deref_mut() {
                     for t in a..b {

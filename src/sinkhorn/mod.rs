@@ -260,7 +260,9 @@ impl SinkhornKnopp {
         let nn = n * n;
         let chunk = task_len(nn, self.iters) * nn;
         let tasks: Vec<_> = logits.chunks(chunk).zip(out.chunks_mut(chunk)).collect();
-        par::try_for_each(tasks, |_, (l, o)| self.project_slices(n, l, o))
+        par::try_for_each(tasks, |_, (l, o)| {
+            self.project_slices(n, l, o, &mut Scratch::default())
+        })
     }
 
     /// Projects the contiguous row-major matrices in `logits` into `out`, sequentially.
@@ -270,31 +272,38 @@ impl SinkhornKnopp {
         n: usize,
         logits: &[F],
         out: &mut [F],
+        scratch: &mut Scratch<F>,
     ) -> Result<()> {
         let nn = n * n;
         let plan = Plan::<F>::new(n, self.iters, self.eps);
-        let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
-        let mut den = try_zeroed("sinkhorn scratch", n * LANES)?;
+        scratch.ensure(&plan, false)?;
+        let (buf, scale) = (aligned(&mut scratch.buf), aligned(&mut scratch.scale));
+        let (rec, fallback) = (aligned(&mut scratch.rec), &mut scratch.fallback);
+        fallback.clear();
         // Linear domain, vectorised; remember the matrices that need the log domain.
-        let mut fallback = Vec::new();
         par::vectorized(
             #[inline(always)]
             || {
-                for (ci, (l, o)) in logits
-                    .chunks(nn * LANES)
-                    .zip(out.chunks_mut(nn * LANES))
-                    .enumerate()
-                {
-                    let count = l.len() / nn;
-                    lanes::gather(nn, l, count, &mut buf);
-                    let ok = lanes::forward(&plan, &mut buf, &mut den, None);
-                    lanes::scatter(nn, &buf, count, o);
-                    fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
-                }
+                lanes::with_dim!(n, d => {
+                    for (ci, (l, o)) in logits
+                        .chunks(nn * LANES)
+                        .zip(out.chunks_mut(nn * LANES))
+                        .enumerate()
+                    {
+                        let count = l.len() / nn;
+                        lanes::gather(d, l, count, buf);
+                        let ok = lanes::forward(d, &plan, buf, scale, rec, None);
+                        lanes::scatter(d, buf, count, o);
+                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
+                    }
+                })
             },
         );
+        if fallback.is_empty() {
+            return Ok(());
+        }
         let mut log_store = log::scratch(n, self.iters, fallback.len())?;
-        for m in fallback {
+        for &m in fallback.iter() {
             let range = m * nn..(m + 1) * nn;
             log::project_one(
                 n,
@@ -403,7 +412,9 @@ impl SinkhornKnopp {
             .zip(upstream.chunks(chunk))
             .zip(grad.chunks_mut(chunk))
             .collect();
-        par::try_for_each(tasks, |_, ((l, u), g)| self.vjp_slices(n, l, u, g))
+        par::try_for_each(tasks, |_, ((l, u), g)| {
+            self.vjp_slices(n, l, u, g, &mut Scratch::default())
+        })
     }
 
     /// Sequential VJP of contiguous matrices. Inputs already validated and finite.
@@ -413,36 +424,41 @@ impl SinkhornKnopp {
         logits: &[F],
         upstream: &[F],
         grad: &mut [F],
+        scratch: &mut Scratch<F>,
     ) -> Result<()> {
         let nn = n * n;
         let plan = Plan::<F>::new(n, self.iters, self.eps);
-        let store_len =
-            crate::error::checked_size("sinkhorn vjp scratch", &[nn + n, 2 * self.iters, LANES])?;
-        debug_assert!(store_len >= plan.store_len());
-        let mut buf = try_zeroed("sinkhorn scratch", nn * LANES)?;
-        let mut store = try_zeroed("sinkhorn vjp scratch", plan.store_len())?;
-        let mut fallback = Vec::new();
+        scratch.ensure(&plan, true)?;
+        let (buf, scale) = (aligned(&mut scratch.buf), aligned(&mut scratch.scale));
+        let (rec, pe) = (aligned(&mut scratch.rec), aligned(&mut scratch.pe));
+        let (store, fallback) = (aligned(&mut scratch.store), &mut scratch.fallback);
+        fallback.clear();
         par::vectorized(
             #[inline(always)]
             || {
-                for (ci, ((l, u), g)) in logits
-                    .chunks(nn * LANES)
-                    .zip(upstream.chunks(nn * LANES))
-                    .zip(grad.chunks_mut(nn * LANES))
-                    .enumerate()
-                {
-                    let count = l.len() / nn;
-                    lanes::gather(nn, l, count, &mut buf);
-                    let ok = lanes::forward(&plan, &mut buf, &mut [], Some(&mut store));
-                    lanes::gather(nn, u, count, &mut buf);
-                    lanes::backward(&plan, &store, &mut buf);
-                    lanes::scatter(nn, &buf, count, g);
-                    fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
-                }
+                lanes::with_dim!(n, d => {
+                    for (ci, ((l, u), g)) in logits
+                        .chunks(nn * LANES)
+                        .zip(upstream.chunks(nn * LANES))
+                        .zip(grad.chunks_mut(nn * LANES))
+                        .enumerate()
+                    {
+                        let count = l.len() / nn;
+                        lanes::gather(d, l, count, buf);
+                        let ok = lanes::forward(d, &plan, buf, scale, rec, Some(store));
+                        lanes::gather(d, u, count, buf);
+                        lanes::backward(d, &plan, store, pe, rec, buf);
+                        lanes::scatter(d, buf, count, g);
+                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
+                    }
+                })
             },
         );
+        if fallback.is_empty() {
+            return Ok(());
+        }
         let mut log_store = log::scratch(n, self.iters, fallback.len())?;
-        for m in fallback {
+        for &m in fallback.iter() {
             let range = m * nn..(m + 1) * nn;
             let (l, u) = (&logits[range.clone()], &upstream[range.clone()]);
             log::vjp_one(
@@ -457,6 +473,63 @@ impl SinkhornKnopp {
         }
         Ok(())
     }
+}
+
+/// The reusable buffers of [`SinkhornKnopp::project_slices`] and
+/// [`SinkhornKnopp::vjp_slices`]: grown on first use, then reused, so a task that projects
+/// many small batches allocates once.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch<F> {
+    buf: Vec<F>,
+    scale: Vec<F>,
+    rec: Vec<F>,
+    pe: Vec<F>,
+    store: Vec<F>,
+    fallback: Vec<usize>,
+}
+
+impl<F: Float> Scratch<F> {
+    /// Makes room for `plan` (and its VJP's stored iterates when `vjp`).
+    fn ensure(&mut self, plan: &Plan<F>, vjp: bool) -> Result<()> {
+        fn grow<F: Float>(v: &mut Vec<F>, what: &'static str, len: usize) -> Result<()> {
+            let len = len + ALIGN / std::mem::size_of::<F>();
+            if v.len() < len {
+                *v = try_zeroed(what, len)?;
+            }
+            Ok(())
+        }
+        let n = plan.n;
+        grow(&mut self.buf, "sinkhorn scratch", n * n * LANES)?;
+        grow(&mut self.scale, "sinkhorn scratch", 2 * n * LANES)?;
+        grow(&mut self.rec, "sinkhorn scratch", n * LANES)?;
+        if vjp {
+            grow(&mut self.pe, "sinkhorn scratch", n * n * LANES)?;
+            let len = crate::error::checked_size(
+                "sinkhorn vjp scratch",
+                &[n * n + 2 * n, 2 * plan.iters, LANES],
+            )?;
+            debug_assert!(len >= plan.store_len());
+            grow(&mut self.store, "sinkhorn vjp scratch", plan.store_len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Alignment of the kernel's buffers, in bytes: a cache line.
+const ALIGN: usize = 64;
+
+/// The part of `v` that starts on an [`ALIGN`]-byte boundary ([`Scratch::ensure`] leaves room
+/// for the shift). A 32-byte vector store that straddles two cache lines cannot be forwarded
+/// to the load that reads it back in the next normalisation step, which then waits for the
+/// store to retire.
+fn aligned<F: Float>(v: &mut [F]) -> &mut [F] {
+    let off = v.as_ptr().align_offset(ALIGN);
+    let off = if off < ALIGN / std::mem::size_of::<F>() {
+        off
+    } else {
+        0
+    };
+    &mut v[off..]
 }
 
 /// An error of a one-matrix batch, reported as for the single matrix (without the batch axis).
@@ -498,6 +571,9 @@ pub(crate) fn check_finite<F: Float>(
     entry_len: usize,
     data: &[F],
 ) -> Result<()> {
+    if crate::reduce::all_finite(data) {
+        return Ok(());
+    }
     match data.iter().position(|v| !v.is_finite()) {
         Some(p) => Err(Error::NonFinite {
             what,
