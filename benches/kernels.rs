@@ -7,7 +7,12 @@
 //! - `read_out`: mHC's fused mappings + read-out, reads `x` (`T·n·C`), writes `u` (`T·C`) and
 //!   the mappings;
 //! - `write_in`: reads `x`, `y`, mappings, writes `out` (`T·n·C`);
-//! - `mappings`: the mappings alone (reads `x`).
+//! - `mappings`: the mappings alone (reads `x`);
+//! - `write_in_backward`: the write-in half of the backward pass into a reused tape: reads `x`,
+//!   `y` and `∂out`, writes `u`, `∂y` and the write-in's part of `∂x` (and recomputes the
+//!   mappings: the same projection as `read_out`);
+//! - `read_out_backward`: the read-out half into a caller's `∂x`: reads `x`, `∂u` and the
+//!   tape's `∂x`, writes `∂x`, and runs the projection's two backward products.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mhc::rand::{SeedableRng, rngs::StdRng};
@@ -66,6 +71,32 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(tn * f + maps_bytes));
         g.bench_function(BenchmarkId::new("mappings", &id), |bch| {
             bch.iter(|| block.mappings(black_box(x.view())).unwrap())
+        });
+        let up = Array3::<f32>::from_elem((t, n, dim), 0.01);
+        let mut tape = mhc::Tape::default();
+        let tc = (t * dim) as u64;
+        g.throughput(Throughput::Bytes((3 * tn + 3 * tc) * f + maps_bytes));
+        g.bench_function(BenchmarkId::new("write_in_backward", &id), |bch| {
+            bch.iter(|| {
+                block
+                    .write_in_backward_into(black_box(x.view()), y.view(), up.view(), &mut tape)
+                    .unwrap()
+            })
+        });
+        let du = tape.dy.clone();
+        let mut dx = Array3::zeros((t, n, dim));
+        g.throughput(Throughput::Bytes((3 * tn + tc) * f));
+        g.bench_function(BenchmarkId::new("read_out_backward", &id), |bch| {
+            bch.iter(|| {
+                block
+                    .read_out_backward_into(
+                        black_box(x.view()),
+                        &mut tape,
+                        du.view(),
+                        dx.view_mut(),
+                    )
+                    .unwrap()
+            })
         });
     }
     g.finish();

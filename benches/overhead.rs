@@ -17,6 +17,8 @@ use ndarray::{Array2, Array3};
 use rand_distr::{Distribution, StandardNormal};
 use std::cell::RefCell;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (4, 1024, 4096),
@@ -63,99 +65,125 @@ fn bench(c: &mut Criterion) {
         let mhc = MhcBlock::<f32>::new(MhcConfig::new(n, dim), &mut rng).unwrap();
         let hc = HcBlock::<f32>::new(HcConfig::new(n, dim)).unwrap();
         let mlp = &mlp;
-        let f = |u: ndarray::ArrayView2<f32>| mlp.forward(u).unwrap();
+        // The sublayer's forward and backward, timed (see `sublayer`).
+        let f = |u: ndarray::ArrayView2<f32>| sublayer(|| mlp.forward(u).unwrap());
         let grads = RefCell::new(None);
         let vjp = |u: ndarray::ArrayView2<f32>, dy: ndarray::ArrayView2<f32>| {
-            let (du, g) = mlp.backward(u, dy).unwrap();
+            let (du, g) = sublayer(|| mlp.backward(u, dy).unwrap());
             *grads.borrow_mut() = Some(g);
             du
         };
 
-        let mut g = c.benchmark_group("forward");
-        g.sample_size(10);
-        g.bench_function(BenchmarkId::new("residual", &id), |b| {
-            b.iter(|| residual.forward(black_box(h.view()), f).unwrap())
-        });
-        g.bench_function(BenchmarkId::new("hc", &id), |b| {
-            b.iter(|| hc.forward(black_box(x.view()), f).unwrap())
-        });
-        g.bench_function(BenchmarkId::new("mhc", &id), |b| {
-            b.iter(|| mhc.forward(black_box(x.view()), f).unwrap())
-        });
-        g.finish();
+        // The steady state of a training loop: one tape per block, `out` and `∂x` buffers
+        // reused (the `*_into` methods), the residual's `∂x` accumulated in place.
+        let state = || {
+            RefCell::new((
+                mhc::Tape::default(),
+                Array3::zeros((t, n, dim)),
+                Array3::zeros((t, n, dim)),
+            ))
+        };
+        let (st_hc, st_mhc) = (state(), state());
+        let mut fwd_res = || drop(black_box(residual.forward(h.view(), f).unwrap()));
+        let mut fwd_hc = || {
+            let (tape, out, _) = &mut *st_hc.borrow_mut();
+            let y = hc.forward_train_into(x.view(), f, tape, out.view_mut());
+            drop(black_box(y.unwrap()));
+        };
+        let mut fwd_mhc = || {
+            let (tape, out, _) = &mut *st_mhc.borrow_mut();
+            let y = mhc.forward_train_into(x.view(), f, tape, out.view_mut());
+            drop(black_box(y.unwrap()));
+        };
+        g_bench(c, "forward", &id, [&mut fwd_res, &mut fwd_hc, &mut fwd_mhc]);
 
-        let mut g = c.benchmark_group("forward_backward");
-        g.sample_size(10);
-        g.bench_function(BenchmarkId::new("residual", &id), |b| {
-            b.iter(|| {
-                let out = residual.forward(black_box(h.view()), f).unwrap();
-                let (du, gr) = mlp.backward(h.view(), up2.view()).unwrap();
-                (out, &du + &up2, gr)
-            })
-        });
-        g.bench_function(BenchmarkId::new("hc", &id), |b| {
-            b.iter(|| {
-                let (out, y) = hc.forward_train(black_box(x.view()), f).unwrap();
-                (
-                    out,
-                    hc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
-                )
-            })
-        });
-        g.bench_function(BenchmarkId::new("mhc", &id), |b| {
-            b.iter(|| {
-                let (out, y) = mhc.forward_train(black_box(x.view()), f).unwrap();
-                (
-                    out,
-                    mhc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
-                )
-            })
-        });
-        g.finish();
+        let mut fb_res = || {
+            let out = residual.forward(h.view(), f).unwrap();
+            let (mut du, gr) = sublayer(|| mlp.backward(h.view(), up2.view()).unwrap());
+            du += &up2;
+            drop(black_box((out, du, gr)));
+        };
+        let mut fb_hc = || {
+            let (tape, out, dx) = &mut *st_hc.borrow_mut();
+            let y = hc
+                .forward_train_into(x.view(), f, tape, out.view_mut())
+                .unwrap();
+            let g = hc.backward_into(x.view(), y.view(), up3.view(), vjp, tape, dx.view_mut());
+            drop(black_box(g.unwrap()));
+        };
+        let mut fb_mhc = || {
+            let (tape, out, dx) = &mut *st_mhc.borrow_mut();
+            let y = mhc
+                .forward_train_into(x.view(), f, tape, out.view_mut())
+                .unwrap();
+            let g = mhc.backward_into(x.view(), y.view(), up3.view(), vjp, tape, dx.view_mut());
+            drop(black_box(g.unwrap()));
+        };
+        g_bench(
+            c,
+            "forward_backward",
+            &id,
+            [&mut fb_res, &mut fb_hc, &mut fb_mhc],
+        );
 
         let rounds = 7;
-        let fw = paired(
+        let fw = paired(rounds, [&mut fwd_res, &mut fwd_hc, &mut fwd_mhc]);
+        let fb = paired(rounds, [&mut fb_res, &mut fb_hc, &mut fb_mhc]);
+        // The allocating methods (fresh `out`, `u`, tape and `∂x` every call), for comparison.
+        let fb_alloc = paired(
             rounds,
             [
-                &mut || drop(black_box(residual.forward(h.view(), f).unwrap())),
-                &mut || drop(black_box(hc.forward(x.view(), f).unwrap())),
-                &mut || drop(black_box(mhc.forward(x.view(), f).unwrap())),
-            ],
-        );
-        let fb = paired(
-            rounds,
-            [
-                &mut || {
-                    let out = residual.forward(h.view(), f).unwrap();
-                    drop(black_box((
-                        out,
-                        mlp.backward(h.view(), up2.view()).unwrap(),
-                    )));
-                },
+                &mut fb_res,
                 &mut || {
                     let (out, y) = hc.forward_train(x.view(), f).unwrap();
-                    drop(black_box((
-                        out,
-                        hc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
-                    )));
+                    let g = hc.backward(x.view(), y.view(), up3.view(), vjp).unwrap();
+                    drop(black_box((out, g)));
                 },
                 &mut || {
                     let (out, y) = mhc.forward_train(x.view(), f).unwrap();
-                    drop(black_box((
-                        out,
-                        mhc.backward(x.view(), y.view(), up3.view(), vjp).unwrap(),
-                    )));
+                    let g = mhc.backward(x.view(), y.view(), up3.view(), vjp).unwrap();
+                    drop(black_box((out, g)));
                 },
             ],
         );
+        let pct = |v: f64| format!("{:+.1} %", v * 100.0);
+        let ms = |o: &Overhead| {
+            let [r, h, m] = o.sublayer_ms;
+            format!("{r:.0} / {h:.0} / {m:.0}")
+        };
         PAIRED.lock().unwrap().push(format!(
-            "| {id} | {:+.1} % | {:+.1} % | {:+.1} % | {:+.1} % |",
-            fw.0 * 100.0,
-            fw.1 * 100.0,
-            fb.0 * 100.0,
-            fb.1 * 100.0
+            "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            pct(fw.ratio.1),
+            pct(fw.attributed.1),
+            pct(fb.ratio.1),
+            pct(fb.attributed.1),
+            pct(fb_alloc.ratio.1),
+            pct(fb_alloc.attributed.1),
+            ms(&fw),
+            ms(&fb),
+        ));
+        PAIRED_HC.lock().unwrap().push(format!(
+            "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            pct(fw.ratio.0),
+            pct(fw.attributed.0),
+            pct(fb.ratio.0),
+            pct(fb.attributed.0),
+            pct(fb_alloc.ratio.0),
+            pct(fb_alloc.attributed.0),
+            ms(&fw),
+            ms(&fb),
         ));
     }
+}
+
+/// One criterion group with the three variants of one shape.
+fn g_bench(c: &mut Criterion, group: &str, id: &str, f: [&mut dyn FnMut(); 3]) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    for (name, f) in ["residual", "hc", "mhc"].into_iter().zip(f) {
+        g.bench_function(BenchmarkId::new(name, id), |b| b.iter(&mut *f));
+    }
+    g.finish();
 }
 
 /// Median (ns) of one benchmark from criterion's `estimates.json`.
@@ -167,26 +195,67 @@ fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
     v["median"]["point_estimate"].as_f64()
 }
 
+/// Nanoseconds spent inside the sublayer (the MLP's forward and backward) since the last reset.
+static SUBLAYER_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` (a call of the sublayer) and adds its time to [`SUBLAYER_NS`].
+fn sublayer<R>(f: impl FnOnce() -> R) -> R {
+    let s = Instant::now();
+    let r = f();
+    SUBLAYER_NS.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
+}
+
+/// Two estimates of the overhead of HC and mHC over the residual block.
+struct Overhead {
+    /// Median over rounds of `t_variant / t_residual − 1`.
+    ratio: (f64, f64),
+    /// Median over rounds of `(own_variant − own_residual) / t_residual`, where `own` is a
+    /// call's time minus the time spent inside the sublayer in that call.
+    attributed: (f64, f64),
+    /// Median time inside the sublayer per call (ms) under residual, HC and mHC.
+    sublayer_ms: [f64; 3],
+}
+
 /// Interleaved, paired timing: each round times residual, HC and mHC back to back, so that
-/// the machine's load drifts alike for the three; returns the median ratios over the rounds.
-fn paired(rounds: usize, mut f: [&mut dyn FnMut(); 3]) -> (f64, f64) {
-    let mut hc = Vec::new();
-    let mut mhc = Vec::new();
+/// the machine's load drifts alike for the three.
+///
+/// The plain ratio carries the sublayer's own run-to-run noise (±10 % on the shared machine,
+/// larger than what is being measured); the attributed estimate subtracts, call by call, the
+/// time spent inside the identical sublayer, leaving each block's own work, and divides the
+/// difference by the residual block's total time. The two agree in expectation when the
+/// sublayer costs the same under every block, which is what "identical sublayer" means.
+fn paired(rounds: usize, mut f: [&mut dyn FnMut(); 3]) -> Overhead {
+    let (mut ratio, mut attr) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let mut sub: [Vec<f64>; 3] = Default::default();
     for _ in 0..rounds {
         let mut t = [0.0; 3];
+        let mut own = [0.0; 3];
         for (k, g) in f.iter_mut().enumerate() {
-            let s = std::time::Instant::now();
+            SUBLAYER_NS.store(0, Ordering::Relaxed);
+            let s = Instant::now();
             g();
             t[k] = s.elapsed().as_secs_f64();
+            let inside = SUBLAYER_NS.load(Ordering::Relaxed) as f64 * 1e-9;
+            own[k] = t[k] - inside;
+            sub[k].push(inside * 1e3);
         }
-        hc.push(t[1] / t[0] - 1.0);
-        mhc.push(t[2] / t[0] - 1.0);
+        for v in 0..2 {
+            ratio[v].push(t[v + 1] / t[0] - 1.0);
+            attr[v].push((own[v + 1] - own[0]) / t[0]);
+        }
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    (median(&mut hc), median(&mut mhc))
+    let [mut r0, mut r1] = ratio;
+    let [mut a0, mut a1] = attr;
+    Overhead {
+        ratio: (median(&mut r0), median(&mut r1)),
+        attributed: (median(&mut a0), median(&mut a1)),
+        sublayer_ms: sub.map(|mut v| median(&mut v)),
+    }
 }
 
 fn report() {
@@ -213,18 +282,25 @@ fn report() {
             );
         }
     }
-    out += "\nPaired, interleaved rounds (median of 7 ratios to the residual block):\n\n";
-    out +=
-        "| shape | hc forward | mhc forward | hc fwd+bwd | mhc fwd+bwd |\n|---|---|---|---|---|\n";
-    for row in PAIRED.lock().unwrap().iter() {
-        out += row;
-        out += "\n";
+    out += "\nPaired, interleaved rounds (median of 7): `ratio` is `t / t_residual − 1`, \
+        `attributed` is `(own − own_residual) / t_residual` with `own` = time outside the \
+        sublayer. `*_into` methods with a reused tape, except the `alloc` columns.\n";
+    let header = "| shape | forward ratio | forward attributed | fwd+bwd ratio | fwd+bwd attributed \
+        | fwd+bwd ratio (alloc) | fwd+bwd attributed (alloc) | sublayer fwd ms (res / hc / mhc) \
+        | sublayer fwd+bwd ms |\n|---|---|---|---|---|---|---|---|---|\n";
+    for (name, rows) in [("mHC", &PAIRED), ("HC", &PAIRED_HC)] {
+        out += &format!("\n{name}:\n\n{header}");
+        for row in rows.lock().unwrap().iter() {
+            out += row;
+            out += "\n";
+        }
     }
     println!("\n{out}");
     let _ = std::fs::write("target/criterion/overhead.md", &out);
 }
 
 static PAIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static PAIRED_HC: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 criterion_group!(benches, bench);
 

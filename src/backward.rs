@@ -8,12 +8,13 @@
 //! with the projection weight's gradient (`x_chunkᵀ · ∂proj` per fixed chunk, summed in chunk
 //! order, so the result is the same on any number of threads).
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut3};
 
 use crate::error::{Result, checked_size, try_zeroed};
 use crate::mappings::{MapScratch, MappingKernel, Mappings, SUB_TOKENS, project};
 use crate::mixing::{
-    all_finite, blame, check_x, read_out_backward_token, read_out_token, write_in_backward_token,
+    all_finite, blame, check_x, read_out_backward_token, read_out_token, with_slice_mut,
+    write_in_backward_token,
 };
 use crate::sinkhorn::check_same;
 use crate::{Float, par};
@@ -21,6 +22,11 @@ use crate::{Float, par};
 /// What the write-in half of a block's backward pass hands on: the sublayer input `u`
 /// (recomputed from `x`) and `∂y` for the user's sublayer VJP, and the state the read-out half
 /// needs.
+///
+/// A tape is also the reusable workspace of a training loop: `Tape::default()` is empty, and
+/// the blocks' `*_into` methods (`forward_train_into`, `backward_into`,
+/// `write_in_backward_into`, `read_out_backward_into`) size its buffers on first use and then
+/// overwrite them in place.
 ///
 /// # Shapes
 ///
@@ -50,6 +56,69 @@ pub struct Tape<F> {
     pub(crate) dres: Vec<F>,
     pub(crate) args: Vec<F>,
     pub(crate) inv_r: Vec<F>,
+    /// Per-task partial sums of the projection weight's gradient (read-out half).
+    pub(crate) parts: Vec<F>,
+}
+
+impl<F: Float> Default for Tape<F> {
+    /// An empty tape, to be filled (and then refilled, reusing its buffers) by the `*_into`
+    /// methods of the blocks.
+    fn default() -> Self {
+        Tape {
+            u: Array2::zeros((0, 0)),
+            dy: Array2::zeros((0, 0)),
+            dx: Vec::new(),
+            maps: Mappings::zeros(0, 0),
+            dpost: Vec::new(),
+            dres: Vec::new(),
+            args: Vec::new(),
+            inv_r: Vec::new(),
+            parts: Vec::new(),
+        }
+    }
+}
+
+/// Makes `v` hold `len` elements, allocating (zeroed, fallibly) only when its capacity is too
+/// small. The kernels overwrite what they use, so old contents may remain.
+pub(crate) fn reuse<F: Float>(v: &mut Vec<F>, what: &'static str, len: usize) -> Result<()> {
+    if v.capacity() >= len {
+        v.resize(len, F::zero());
+    } else {
+        *v = try_zeroed(what, len)?;
+    }
+    Ok(())
+}
+
+/// Makes `a` a standard-layout `[r, c]` array, reusing its allocation when the shape is
+/// unchanged.
+pub(crate) fn reuse2<F: Float>(
+    a: &mut Array2<F>,
+    what: &'static str,
+    r: usize,
+    c: usize,
+) -> Result<()> {
+    if a.dim() != (r, c) || !a.is_standard_layout() {
+        let len = checked_size(what, &[r, c])?;
+        *a = Array2::from_shape_vec((r, c), try_zeroed(what, len)?).expect("r·c");
+    }
+    Ok(())
+}
+
+impl<F: Float> Tape<F> {
+    /// Sizes every buffer for `t` tokens of a kernel with `n` streams of width `c`, `rpt`
+    /// projection rows a token and `m` mapping outputs a row.
+    fn ensure(&mut self, t: usize, n: usize, c: usize, rpt: usize, m: usize) -> Result<()> {
+        let tnc = checked_size("backward state", &[t, n, c])?;
+        reuse2(&mut self.u, "u", t, c)?;
+        reuse2(&mut self.dy, "dy", t, c)?;
+        reuse(&mut self.dx, "dx", tnc)?;
+        self.maps.ensure(t, n)?;
+        reuse(&mut self.dpost, "dpost", checked_size("dpost", &[t, n])?)?;
+        reuse(&mut self.dres, "dres", checked_size("dres", &[t, n, n])?)?;
+        reuse(&mut self.args, "args", checked_size("args", &[t, rpt, m])?)?;
+        reuse(&mut self.inv_r, "inv_r", checked_size("inv_r", &[t, rpt])?)?;
+        Ok(())
+    }
 }
 
 /// `∂x` (`[T, n, C]`), the projection weight's gradient (`[K, m]`, row-major) and the small
@@ -67,23 +136,26 @@ pub(crate) fn write_in_backward<F: Float>(
     y: ArrayView2<F>,
     upstream: ArrayView3<F>,
 ) -> Result<Tape<F>> {
+    let mut tape = Tape::default();
+    write_in_backward_into(k, x, y, upstream, &mut tape)?;
+    Ok(tape)
+}
+
+/// [`write_in_backward`] into a tape whose buffers are reused.
+pub(crate) fn write_in_backward_into<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    y: ArrayView2<F>,
+    upstream: ArrayView3<F>,
+    tape: &mut Tape<F>,
+) -> Result<()> {
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
     check_same("y", &[t, c], y.shape())?;
     check_same("upstream", &[t, n, c], upstream.shape())?;
     let (rpt, m) = (k.rows_per_token(), k.width());
-    checked_size("backward state", &[t, n, c])?;
-    let mut tape = Tape {
-        u: Array2::zeros((t, c)),
-        dy: Array2::zeros((t, c)),
-        dx: try_zeroed("dx", t * n * c)?,
-        maps: Mappings::try_zeros(t, n)?,
-        dpost: try_zeroed("dpost", t * n)?,
-        dres: try_zeroed("dres", t * n * n)?,
-        args: try_zeroed("args", t * rpt * m)?,
-        inv_r: try_zeroed("inv_r", t * rpt)?,
-    };
+    tape.ensure(t, n, c, rpt, m)?;
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
     let y = y.as_standard_layout();
@@ -172,16 +244,59 @@ pub(crate) fn write_in_backward<F: Float>(
             )
         },
     )?;
-    Ok(tape)
+    Ok(())
 }
 
 /// The read-out half: from `∂u`, the rest of `∂x` and the parameters' gradients.
 pub(crate) fn read_out_backward<F: Float>(
     k: &impl MappingKernel<F>,
     x: ArrayView3<F>,
-    tape: Tape<F>,
+    mut tape: Tape<F>,
     du: ArrayView2<F>,
 ) -> Result<RawGrads<F>> {
+    let (t, n, c) = x.dim();
+    let mut dx = std::mem::take(&mut tape.dx);
+    // `dx` holds the write-in's part and receives the read-out's in place.
+    let (dw, acc) = read_out_backward_slices(k, x, &mut tape, du, None, &mut dx)?;
+    Ok(RawGrads {
+        dx: Array3::from_shape_vec((t, n, c), dx).expect("T·n·C"),
+        dw,
+        acc,
+    })
+}
+
+/// [`read_out_backward`] writing `∂x` into `dx` and reusing the tape's buffers; the tape keeps
+/// the write-in's part of `∂x`, so the call can be repeated.
+pub(crate) fn read_out_backward_into<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    tape: &mut Tape<F>,
+    du: ArrayView2<F>,
+    dx: ArrayViewMut3<F>,
+) -> Result<(Vec<F>, Vec<F>)> {
+    check_same("dx", x.shape(), dx.shape())?;
+    let mut grads = None;
+    with_slice_mut(dx, |dx| {
+        let src = std::mem::take(&mut tape.dx);
+        let r = read_out_backward_slices(k, x, tape, du, Some(&src), dx);
+        tape.dx = src;
+        grads = Some(r?);
+        Ok(())
+    })?;
+    Ok(grads.expect("set on success"))
+}
+
+/// The read-out half over slices: `∂x` is accumulated into `dx`, which starts as a copy of
+/// `src` when given (and already holds the write-in's part otherwise). Returns the projection
+/// weight's gradient and the kernel's accumulator.
+fn read_out_backward_slices<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    tape: &mut Tape<F>,
+    du: ArrayView2<F>,
+    src: Option<&[F]>,
+    dx: &mut [F],
+) -> Result<(Vec<F>, Vec<F>)> {
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
@@ -195,12 +310,12 @@ pub(crate) fn read_out_backward<F: Float>(
     let du = du.as_standard_layout();
     let du = du.as_slice().expect("standard layout");
     let Tape {
-        mut dx,
         maps,
         dpost,
         dres,
         args,
         inv_r,
+        parts,
         ..
     } = tape;
     let (pre, post) = (
@@ -210,7 +325,8 @@ pub(crate) fn read_out_backward<F: Float>(
     let tt = par::TASK_TOKENS;
     let ntasks = t.div_ceil(tt);
     let part_len = kk * m + k.acc_len();
-    let mut parts = try_zeroed::<F>(
+    reuse(
+        parts,
         "gradient partials",
         checked_size("gradient partials", &[ntasks.max(1), part_len])?,
     )?;
@@ -219,6 +335,7 @@ pub(crate) fn read_out_backward<F: Float>(
         .zip(parts.chunks_mut(part_len))
         .collect();
     par::try_for_each(tasks, |i, (dx, part)| {
+        part.fill(F::zero());
         par::vectorized(
             #[inline(always)]
             || {
@@ -233,6 +350,9 @@ pub(crate) fn read_out_backward<F: Float>(
                     let (ga, gb) = (t0 + a, t0 + b);
                     let xs = &x[ga * n * c..gb * n * c];
                     let dxs = &mut dx[a * n * c..b * n * c];
+                    if let Some(src) = src {
+                        dxs.copy_from_slice(&src[ga * n * c..gb * n * c]);
+                    }
                     for tl in 0..b - a {
                         let tg = ga + tl;
                         let dut = &du[tg * c..(tg + 1) * c];
@@ -327,11 +447,7 @@ pub(crate) fn read_out_backward<F: Float>(
         }
     }
     let acc = total.split_off(kk * m);
-    Ok(RawGrads {
-        dx: Array3::from_shape_vec((t, n, c), dx).expect("T·n·C"),
-        dw: total,
-        acc,
-    })
+    Ok((total, acc))
 }
 
 /// Forward pass that returns what the backward pass needs besides `x`: `(out, y)`.
@@ -358,4 +474,40 @@ pub(crate) fn backward<F: Float>(
     let tape = write_in_backward(k, x, y, upstream)?;
     let du = sublayer_vjp(tape.u.view(), tape.dy.view());
     read_out_backward(k, x, tape, du.view())
+}
+
+/// [`forward_train`] writing `out` and keeping `u` and the mappings in the tape's buffers.
+pub(crate) fn forward_train_into<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    sublayer: impl FnOnce(ArrayView2<F>) -> Array2<F>,
+    tape: &mut Tape<F>,
+    out: ArrayViewMut3<F>,
+) -> Result<Array2<F>> {
+    let (n, c) = k.dims();
+    check_x(x.shape(), n, c)?;
+    check_same("out", x.shape(), out.shape())?;
+    let t = x.shape()[0];
+    reuse2(&mut tape.u, "u", t, c)?;
+    crate::mappings::read_out_into(k, x, &mut tape.maps, tape.u.view_mut())?;
+    let y = sublayer(tape.u.view());
+    check_same("sublayer output", &[t, c], y.shape())?;
+    crate::mixing::write_in_into(x, &tape.maps, y.view(), out)?;
+    Ok(y)
+}
+
+/// [`backward`] writing `∂x` into `dx` and reusing the tape's buffers.
+pub(crate) fn backward_into<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    y: ArrayView2<F>,
+    upstream: ArrayView3<F>,
+    sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+    tape: &mut Tape<F>,
+    dx: ArrayViewMut3<F>,
+) -> Result<(Vec<F>, Vec<F>)> {
+    check_same("dx", x.shape(), dx.shape())?;
+    write_in_backward_into(k, x, y, upstream, tape)?;
+    let du = sublayer_vjp(tape.u.view(), tape.dy.view());
+    read_out_backward_into(k, x, tape, du.view(), dx)
 }

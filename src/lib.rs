@@ -34,6 +34,11 @@
 //! and returns `∂x` and the parameters' gradients. When the sublayer's backward lives in
 //! another framework, call [`MhcBlock::write_in_backward`] (gives `u` and `∂y` in a [`Tape`]),
 //! run that backward, then [`MhcBlock::read_out_backward`] with `∂u`.
+//!
+//! In a training loop, use the `*_into` forms ([`MhcBlock::forward_train_into`],
+//! [`MhcBlock::backward_into`], and the two halves') with one [`Tape`] per block and
+//! caller-provided `out` and `∂x`: after the first step they allocate nothing proportional to
+//! the number of tokens (fresh `[T, n, C]` buffers cost page faults).
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 #![doc(test(attr(deny(warnings))))]

@@ -528,3 +528,112 @@ fn mlp_gradients_match_finite_differences() {
     check_field!(w2);
     check_field!(b2);
 }
+
+/// The `*_into` methods, with one tape reused across calls of different sizes (growing and
+/// shrinking) and a non-contiguous `∂x`, give bitwise the results of the allocating methods.
+#[test]
+fn into_variants_with_a_reused_tape_equal_the_allocating_ones() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (n, c) = (4usize, 24usize);
+    let mhc = MhcBlock::<f64>::new(MhcConfig::new(n, c), &mut rng).unwrap();
+    let hc = HcBlock::<f64>::new(HcConfig::new(n, c)).unwrap();
+    let sub = |u: ArrayView2<f64>| u.mapv(f64::tanh);
+    let vjp = |u: ArrayView2<f64>, dy: ArrayView2<f64>| &dy * &u.mapv(|v| 1.0 - v.tanh().powi(2));
+    let mut mhc_tape = mhc::Tape::default();
+    let mut hc_tape = mhc::Tape::default();
+    for t in [300usize, 700, 5, 300] {
+        let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+        let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+        let mut out = Array3::zeros((t, n, c));
+        // ∂x through a transposed (non-contiguous) view.
+        let mut dx_t = Array3::zeros((c, n, t));
+
+        let (out0, y0) = mhc.forward_train(x.view(), sub).unwrap();
+        let (dx0, g0) = mhc.backward(x.view(), y0.view(), up.view(), vjp).unwrap();
+        let y = mhc
+            .forward_train_into(x.view(), sub, &mut mhc_tape, out.view_mut())
+            .unwrap();
+        let dx_view = dx_t.view_mut().reversed_axes();
+        let g = mhc
+            .backward_into(x.view(), y.view(), up.view(), vjp, &mut mhc_tape, dx_view)
+            .unwrap();
+        assert!(out == out0 && y == y0, "mHC forward, T = {t}");
+        assert!(
+            dx_t.view().reversed_axes() == dx0 && g == g0,
+            "mHC backward, T = {t}"
+        );
+
+        let (out0, y0) = hc.forward_train(x.view(), sub).unwrap();
+        let (dx0, g0) = hc.backward(x.view(), y0.view(), up.view(), vjp).unwrap();
+        let y = hc
+            .forward_train_into(x.view(), sub, &mut hc_tape, out.view_mut())
+            .unwrap();
+        let mut dx = Array3::zeros((t, n, c));
+        hc.write_in_backward_into(x.view(), y.view(), up.view(), &mut hc_tape)
+            .unwrap();
+        let du = vjp(hc_tape.u.view(), hc_tape.dy.view());
+        // Twice from the same tape: the read-out half leaves the tape reusable.
+        for _ in 0..2 {
+            let g = hc
+                .read_out_backward_into(x.view(), &mut hc_tape, du.view(), dx.view_mut())
+                .unwrap();
+            assert!(dx == dx0 && g == g0, "HC backward, T = {t}");
+        }
+        assert!(out == out0 && y == y0, "HC forward, T = {t}");
+    }
+}
+
+#[test]
+fn into_variants_check_their_outputs() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let block = MhcBlock::<f32>::new(MhcConfig::new(2, 8), &mut rng).unwrap();
+    let x = Array3::<f32>::zeros((3, 2, 8));
+    let mut tape = mhc::Tape::default();
+    let mut bad = Array3::<f32>::zeros((3, 2, 7));
+    let e = block
+        .forward_train_into(x.view(), |u| u.to_owned(), &mut tape, bad.view_mut())
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::ShapeMismatch {
+            what: "out",
+            expected: vec![3, 2, 8],
+            got: vec![3, 2, 7]
+        }
+    );
+    let mut out = Array3::<f32>::zeros((3, 2, 8));
+    let y = block
+        .forward_train_into(x.view(), |u| u.to_owned(), &mut tape, out.view_mut())
+        .unwrap();
+    let e = block
+        .backward_into(
+            x.view(),
+            y.view(),
+            out.view(),
+            |_, dy| dy.to_owned(),
+            &mut tape,
+            bad.view_mut(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::ShapeMismatch {
+            what: "dx",
+            expected: vec![3, 2, 8],
+            got: vec![3, 2, 7]
+        }
+    );
+    // A fresh tape has nothing for the read-out half.
+    let e = block
+        .read_out_backward_into(
+            x.view(),
+            &mut mhc::Tape::default(),
+            y.view(),
+            out.view_mut(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { what: "tape", .. }),
+        "{e:?}"
+    );
+}
