@@ -18,7 +18,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMu
 
 use crate::error::{Error, Result, try_zeroed};
 use crate::{Float, par};
-use lanes::{LANES, Plan};
+use lanes::{BATCH, GROUPS, Plan};
 
 /// The Sinkhorn-Knopp projector of SPEC §2 (paper Eq. 9).
 ///
@@ -59,7 +59,7 @@ impl Default for SinkhornKnopp {
 /// Matrices per parallel task: about 2^20 element updates, so a task outweighs its start-up.
 fn task_len(nn: usize, iters: usize) -> usize {
     let per = (nn * iters.min(1 << 20)).max(1);
-    ((1usize << 20) / per).max(1).div_ceil(LANES) * LANES
+    ((1usize << 20) / per).max(1).div_ceil(BATCH) * BATCH
 }
 
 fn shape_of(s: &[usize]) -> Vec<usize> {
@@ -286,15 +286,15 @@ impl SinkhornKnopp {
             || {
                 lanes::with_dim!(n, d => {
                     for (ci, (l, o)) in logits
-                        .chunks(nn * LANES)
-                        .zip(out.chunks_mut(nn * LANES))
+                        .chunks(nn * BATCH)
+                        .zip(out.chunks_mut(nn * BATCH))
                         .enumerate()
                     {
                         let count = l.len() / nn;
-                        lanes::gather(d, l, count, buf);
+                        lanes::gather_batch(d, l, count, buf);
                         let ok = lanes::forward(d, &plan, buf, scale, rec, None);
-                        lanes::scatter(d, buf, count, o);
-                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
+                        lanes::scatter_batch(d, buf, count, o);
+                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
                 })
             },
@@ -438,18 +438,18 @@ impl SinkhornKnopp {
             || {
                 lanes::with_dim!(n, d => {
                     for (ci, ((l, u), g)) in logits
-                        .chunks(nn * LANES)
-                        .zip(upstream.chunks(nn * LANES))
-                        .zip(grad.chunks_mut(nn * LANES))
+                        .chunks(nn * BATCH)
+                        .zip(upstream.chunks(nn * BATCH))
+                        .zip(grad.chunks_mut(nn * BATCH))
                         .enumerate()
                     {
                         let count = l.len() / nn;
-                        lanes::gather(d, l, count, buf);
+                        lanes::gather_batch(d, l, count, buf);
                         let ok = lanes::forward(d, &plan, buf, scale, rec, Some(store));
-                        lanes::gather(d, u, count, buf);
+                        lanes::gather_batch(d, u, count, buf);
                         lanes::backward(d, &plan, store, pe, rec, buf);
-                        lanes::scatter(d, buf, count, g);
-                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * LANES + k));
+                        lanes::scatter_batch(d, buf, count, g);
+                        fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
                 })
             },
@@ -499,17 +499,21 @@ impl<F: Float> Scratch<F> {
             Ok(())
         }
         let n = plan.n;
-        grow(&mut self.buf, "sinkhorn scratch", n * n * LANES)?;
-        grow(&mut self.scale, "sinkhorn scratch", 2 * n * LANES)?;
-        grow(&mut self.rec, "sinkhorn scratch", n * LANES)?;
+        grow(&mut self.buf, "sinkhorn scratch", n * n * BATCH)?;
+        grow(&mut self.scale, "sinkhorn scratch", 2 * n * BATCH)?;
+        grow(&mut self.rec, "sinkhorn scratch", n * BATCH)?;
         if vjp {
-            grow(&mut self.pe, "sinkhorn scratch", n * n * LANES)?;
+            grow(&mut self.pe, "sinkhorn scratch", n * n * BATCH)?;
             let len = crate::error::checked_size(
                 "sinkhorn vjp scratch",
-                &[n * n + 2 * n, 2 * plan.iters, LANES],
+                &[n * n + 2 * n, 2 * plan.iters, BATCH],
             )?;
-            debug_assert!(len >= plan.store_len());
-            grow(&mut self.store, "sinkhorn vjp scratch", plan.store_len())?;
+            debug_assert!(len >= GROUPS * plan.store_len());
+            grow(
+                &mut self.store,
+                "sinkhorn vjp scratch",
+                GROUPS * plan.store_len(),
+            )?;
         }
         Ok(())
     }
