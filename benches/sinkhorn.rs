@@ -1,4 +1,6 @@
-//! Sinkhorn-Knopp throughput: `project_batch` and `vjp_batch`, matrices per second.
+//! Sinkhorn-Knopp throughput: `project_batch_into` and `vjp_batch_into` (reused output
+//! buffers, so that the kernel and not the page faults of a fresh output is measured),
+//! matrices per second.
 //!
 //! Run: `cargo bench --bench sinkhorn` (all threads) or
 //! `RAYON_NUM_THREADS=1 cargo bench --bench sinkhorn -- f32/forward/n4` (per core).
@@ -27,16 +29,20 @@ fn bench<F: Float>(c: &mut Criterion) {
             for &b in &[4096usize, 65536] {
                 let l = logits::<F>(b, n);
                 let up = logits::<F>(b, n);
+                let mut out = Array3::<F>::zeros((b, n, n));
                 g.throughput(Throughput::Elements(b as u64));
                 let id = BenchmarkId::new(format!("n{n}"), format!("b{b}"));
                 if dir == "forward" {
                     g.bench_function(id, |bch| {
-                        bch.iter(|| sk.project_batch(black_box(l.view())).unwrap())
+                        bch.iter(|| {
+                            sk.project_batch_into(black_box(l.view()), out.view_mut())
+                                .unwrap()
+                        })
                     });
                 } else {
                     g.bench_function(id, |bch| {
                         bch.iter(|| {
-                            sk.vjp_batch(black_box(l.view()), black_box(up.view()))
+                            sk.vjp_batch_into(black_box(l.view()), up.view(), out.view_mut())
                                 .unwrap()
                         })
                     });

@@ -462,3 +462,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn vjp_batch_into_equals_vjp_batch_and_checks_grad() {
+    let l = Array3::from_shape_fn((37, 4, 4), |(k, i, j)| {
+        ((k * 5 + i * 3 + j) % 7) as f32 - 3.0
+    });
+    let up = l.mapv(|v| (0.7 * v).sin());
+    let sk = SinkhornKnopp::default();
+    let want = sk.vjp_batch(l.view(), up.view()).unwrap();
+    let mut got = Array3::zeros((37, 4, 4));
+    sk.vjp_batch_into(l.view(), up.view(), got.view_mut())
+        .unwrap();
+    assert_eq!(got, want);
+    // Into a non-contiguous view.
+    let mut t = Array3::zeros((4, 4, 37));
+    sk.vjp_batch_into(l.view(), up.view(), t.view_mut().reversed_axes())
+        .unwrap();
+    assert_eq!(t.view().reversed_axes(), want);
+    let mut bad = Array3::zeros((37, 4, 3));
+    assert_eq!(
+        sk.vjp_batch_into(l.view(), up.view(), bad.view_mut()),
+        Err(Error::ShapeMismatch {
+            what: "grad",
+            expected: vec![37, 4, 4],
+            got: vec![37, 4, 3]
+        })
+    );
+}

@@ -397,6 +397,44 @@ impl SinkhornKnopp {
         Ok(Array3::from_shape_vec(logits.raw_dim(), out).expect("same shape"))
     }
 
+    /// [`vjp_batch`](Self::vjp_batch) into a caller-provided `[B, n, n]` array.
+    ///
+    /// # Shapes
+    ///
+    /// - `logits`, `upstream`, `grad`: `[B, n, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`vjp_batch`](Self::vjp_batch), plus [`Error::ShapeMismatch`] if `grad` is not
+    /// `[B, n, n]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// let logits = Array3::<f32>::zeros((5, 3, 3));
+    /// let mut grad = Array3::zeros((5, 3, 3));
+    /// mhc::SinkhornKnopp::default().vjp_batch_into(logits.view(), logits.view(), grad.view_mut())?;
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn vjp_batch_into<F: Float>(
+        &self,
+        logits: ArrayView3<F>,
+        upstream: ArrayView3<F>,
+        grad: ArrayViewMut3<F>,
+    ) -> Result<()> {
+        let n = self.check_logits(logits.shape())?;
+        check_same("upstream", logits.shape(), upstream.shape())?;
+        check_same("grad", logits.shape(), grad.shape())?;
+        let l = logits.as_standard_layout();
+        let l = l.as_slice().expect("standard layout");
+        let u = upstream.as_standard_layout();
+        let u = u.as_slice().expect("standard layout");
+        check_finite("logits", n * n, l)?;
+        check_finite("upstream", n * n, u)?;
+        crate::mixing::with_slice_mut(grad, |g| self.vjp_batch_slices(n, l, u, g))
+    }
+
     /// Contiguous batch VJP, parallel over fixed chunks. Inputs already validated and finite.
     pub(crate) fn vjp_batch_slices<F: Float>(
         &self,
