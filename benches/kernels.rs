@@ -6,6 +6,8 @@
 //! - `triad`: `a = b + s·c` over 3 × 64 MiB, the bandwidth reference;
 //! - `read_out`: mHC's fused mappings + read-out, reads `x` (`T·n·C`), writes `u` (`T·C`) and
 //!   the mappings;
+//! - `read_out_mixing`: the read-out alone (`mixing::read_out_into`, given `H_pre`): reads `x`
+//!   and `H_pre`, writes `u`: the memory-bound half of `read_out`;
 //! - `write_in`: reads `x`, `y`, mappings, writes `out` (`T·n·C`);
 //! - `mappings`: the mappings alone (reads `x`);
 //! - `write_in_backward`: the write-in half of the backward pass into a reused tape: reads `x`,
@@ -55,6 +57,15 @@ fn bench(c: &mut Criterion) {
             bch.iter(|| {
                 block
                     .read_out_into(black_box(x.view()), &mut maps, u.view_mut())
+                    .unwrap()
+            })
+        });
+        g.throughput(Throughput::Bytes(
+            tn * f + (t * dim) as u64 * f + (t * n) as u64 * f,
+        ));
+        g.bench_function(BenchmarkId::new("read_out_mixing", &id), |bch| {
+            bch.iter(|| {
+                mhc::mixing::read_out_into(black_box(x.view()), maps.pre.view(), u.view_mut())
                     .unwrap()
             })
         });

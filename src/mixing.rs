@@ -230,15 +230,28 @@ pub fn read_out_into<F: Float>(
         let tt = par::TASK_TOKENS;
         let tasks: Vec<_> = u.chunks_mut(tt * c).collect();
         par::try_for_each(tasks, |k, u| {
-            for (i, u) in u.chunks_mut(c).enumerate() {
-                let t = k * tt + i;
-                let (xt, pt) = (&x[t * n * c..(t + 1) * n * c], &pre[t * n..(t + 1) * n]);
-                read_out_token(c, xt, pt, u);
-                if !all_finite(u) {
-                    return Err(blame(t, &[("x", xt), ("pre", pt)], "u"));
+            // Find the first bad token with the kernel vectorised, then report it outside.
+            let bad = par::vectorized(
+                #[inline(always)]
+                || {
+                    for (i, u) in u.chunks_mut(c).enumerate() {
+                        let t = k * tt + i;
+                        let (xt, pt) = (&x[t * n * c..(t + 1) * n * c], &pre[t * n..(t + 1) * n]);
+                        read_out_token(c, xt, pt, u);
+                        if !all_finite(u) {
+                            return Some(t);
+                        }
+                    }
+                    None
+                },
+            );
+            match bad {
+                Some(t) => {
+                    let (xt, pt) = (&x[t * n * c..(t + 1) * n * c], &pre[t * n..(t + 1) * n]);
+                    Err(blame(t, &[("x", xt), ("pre", pt)], "u"))
                 }
+                None => Ok(()),
             }
-            Ok(())
         })
     })
 }
