@@ -6,9 +6,11 @@
 //! last, so every row of the result sums to 1 (to rounding, for `eps = 0`); the column sums carry
 //! the truncation error of the finite iteration.
 //!
-//! The iteration runs in the linear domain, eight matrices side by side so that it vectorises.
-//! A matrix whose normalising sums fall below `MIN_POSITIVE / EPSILON` (logits spread so widely
-//! that `exp` underflows a whole row) is recomputed in log space, the same map with `logsumexp`
+//! The iteration runs in the linear domain, in factored form (`diag(a) · P · diag(b)`), 32
+//! matrices side by side so that it vectorises and keeps the divider busy (see `lanes`). A matrix
+//! whose normalising sums fall below `MIN_POSITIVE / EPSILON`, or whose scalings leave
+//! `[MIN_POSITIVE / EPSILON, EPSILON / MIN_POSITIVE]` (logits spread so widely that `exp`
+//! underflows a whole row), is recomputed in log space, the same map with `logsumexp`
 //! normalisations, and its VJP goes through the log-space iterates too.
 
 mod lanes;
