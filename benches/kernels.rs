@@ -38,7 +38,11 @@ fn bench(c: &mut Criterion) {
                 .par_for_each(|a, &b, &c| *a = b + 0.5 * c);
         })
     });
-    for &(n, dim, t) in &[(4usize, 1024usize, 4096usize), (4, 256, 16384)] {
+    for &(n, dim, t) in &[
+        (4usize, 1024usize, 4096usize),
+        (4, 256, 16384),
+        (8, 1024, 4096),
+    ] {
         let id = format!("n{n}_c{dim}_t{t}");
         let block =
             MhcBlock::<f32>::new(MhcConfig::new(n, dim), &mut StdRng::seed_from_u64(0)).unwrap();
@@ -94,6 +98,11 @@ fn bench(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        // Filled here too, so that the read-out half can be benchmarked on its own
+        // (`-- read_out_backward`).
+        block
+            .write_in_backward_into(x.view(), y.view(), up.view(), &mut tape)
+            .unwrap();
         let du = tape.dy.clone();
         let mut dx = Array3::zeros((t, n, dim));
         g.throughput(Throughput::Bytes((3 * tn + tc) * f));

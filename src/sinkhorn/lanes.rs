@@ -441,7 +441,8 @@ fn finish<F: Float, D: Dim>(
     for e in 0..n {
         let (av, bv) = (lane(a, e), lane(b, e));
         for l in 0..LANES {
-            ok[l] &= av[l] >= lo && av[l] <= hi && bv[l] >= lo && bv[l] <= hi;
+            // `&`, not `&&`: no short circuit, so the comparisons vectorise.
+            ok[l] &= (av[l] >= lo) & (av[l] <= hi) & (bv[l] >= lo) & (bv[l] <= hi);
         }
     }
     for i in 0..n {
