@@ -151,28 +151,20 @@ fn bench(c: &mut Criterion) {
             let [r, h, m] = o.sublayer_ms;
             format!("{r:.0} / {h:.0} / {m:.0}")
         };
-        PAIRED.lock().unwrap().push(format!(
-            "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            pct(fw.ratio.1),
-            pct(fw.attributed.1),
-            pct(fb.ratio.1),
-            pct(fb.attributed.1),
-            pct(fb_alloc.ratio.1),
-            pct(fb_alloc.attributed.1),
-            ms(&fw),
-            ms(&fb),
-        ));
-        PAIRED_HC.lock().unwrap().push(format!(
-            "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            pct(fw.ratio.0),
-            pct(fw.attributed.0),
-            pct(fb.ratio.0),
-            pct(fb.attributed.0),
-            pct(fb_alloc.ratio.0),
-            pct(fb_alloc.attributed.0),
-            ms(&fw),
-            ms(&fb),
-        ));
+        // One table row per variant (HC = 0, mHC = 1).
+        for (v, rows) in PAIRED.lock().unwrap().iter_mut().enumerate() {
+            rows.push(format!(
+                "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                pct(fw.ratio[v]),
+                pct(fw.attributed[v]),
+                pct(fb.ratio[v]),
+                pct(fb.attributed[v]),
+                pct(fb_alloc.ratio[v]),
+                pct(fb_alloc.attributed[v]),
+                ms(&fw),
+                ms(&fb),
+            ));
+        }
     }
 }
 
@@ -208,11 +200,11 @@ fn sublayer<R>(f: impl FnOnce() -> R) -> R {
 
 /// Two estimates of the overhead of HC and mHC over the residual block.
 struct Overhead {
-    /// Median over rounds of `t_variant / t_residual − 1`.
-    ratio: (f64, f64),
+    /// Median over rounds of `t_variant / t_residual − 1`, for HC and mHC.
+    ratio: [f64; 2],
     /// Median over rounds of `(own_variant − own_residual) / t_residual`, where `own` is a
     /// call's time minus the time spent inside the sublayer in that call.
-    attributed: (f64, f64),
+    attributed: [f64; 2],
     /// Median time inside the sublayer per call (ms) under residual, HC and mHC.
     sublayer_ms: [f64; 3],
 }
@@ -249,11 +241,9 @@ fn paired(rounds: usize, mut f: [&mut dyn FnMut(); 3]) -> Overhead {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let [mut r0, mut r1] = ratio;
-    let [mut a0, mut a1] = attr;
     Overhead {
-        ratio: (median(&mut r0), median(&mut r1)),
-        attributed: (median(&mut a0), median(&mut a1)),
+        ratio: ratio.map(|mut v| median(&mut v)),
+        attributed: attr.map(|mut v| median(&mut v)),
         sublayer_ms: sub.map(|mut v| median(&mut v)),
     }
 }
@@ -288,9 +278,10 @@ fn report() {
     let header = "| shape | forward ratio | forward attributed | fwd+bwd ratio | fwd+bwd attributed \
         | fwd+bwd ratio (alloc) | fwd+bwd attributed (alloc) | sublayer fwd ms (res / hc / mhc) \
         | sublayer fwd+bwd ms |\n|---|---|---|---|---|---|---|---|---|\n";
-    for (name, rows) in [("mHC", &PAIRED), ("HC", &PAIRED_HC)] {
+    let paired = PAIRED.lock().unwrap();
+    for (name, rows) in [("mHC", &paired[1]), ("HC", &paired[0])] {
         out += &format!("\n{name}:\n\n{header}");
-        for row in rows.lock().unwrap().iter() {
+        for row in rows.iter() {
             out += row;
             out += "\n";
         }
@@ -299,8 +290,8 @@ fn report() {
     let _ = std::fs::write("target/criterion/overhead.md", &out);
 }
 
-static PAIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-static PAIRED_HC: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// The paired tables' rows, HC's then mHC's.
+static PAIRED: std::sync::Mutex<[Vec<String>; 2]> = std::sync::Mutex::new([Vec::new(), Vec::new()]);
 
 criterion_group!(benches, bench);
 
