@@ -10,7 +10,7 @@
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut3};
 
-use crate::error::{Result, checked_size, try_zeroed};
+use crate::error::{Result, checked_size, reuse, try_zeroed};
 use crate::mappings::{MapScratch, MappingKernel, Mappings, SUB_TOKENS, project};
 use crate::mixing::{
     all_finite, blame, check_x, read_out_backward_token, read_out_token, with_slice_mut,
@@ -76,17 +76,6 @@ impl<F: Float> Default for Tape<F> {
             parts: Vec::new(),
         }
     }
-}
-
-/// Makes `v` hold `len` elements, allocating (zeroed, fallibly) only when its capacity is too
-/// small. The kernels overwrite what they use, so old contents may remain.
-pub(crate) fn reuse<F: Float>(v: &mut Vec<F>, what: &'static str, len: usize) -> Result<()> {
-    if v.capacity() >= len {
-        v.resize(len, F::zero());
-    } else {
-        *v = try_zeroed(what, len)?;
-    }
-    Ok(())
 }
 
 /// Makes `a` a standard-layout `[r, c]` array, reusing its allocation when the shape is

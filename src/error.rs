@@ -193,3 +193,18 @@ pub(crate) fn try_zeroed<F: Copy + Default>(what: &'static str, len: usize) -> R
     drop(probe);
     Ok(vec![F::default(); len])
 }
+
+/// Makes `v` hold `len` elements, allocating (zeroed, fallibly) only when its capacity is too
+/// small. The kernels overwrite what they use, so old contents may remain.
+pub(crate) fn reuse<F: Copy + Default>(
+    v: &mut Vec<F>,
+    what: &'static str,
+    len: usize,
+) -> Result<()> {
+    if v.capacity() >= len {
+        v.resize(len, F::default());
+    } else {
+        *v = try_zeroed(what, len)?;
+    }
+    Ok(())
+}

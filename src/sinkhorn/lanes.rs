@@ -134,7 +134,7 @@ impl<F: Float> Plan<F> {
     /// Scratch elements for [`forward`] with iterates stored (the VJP): the softmax, then per
     /// step the reciprocal denominators and the scaling vector the step changed.
     pub fn store_len(&self) -> usize {
-        (self.n * self.n + 2 * self.n * self.steps()) * LANES
+        self.step_at(self.steps())
     }
 
     /// Where step `k`'s reciprocals (`n` lanes) start in the store; its scalings follow.

@@ -18,7 +18,7 @@ mod log;
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use crate::error::{Error, Result, try_zeroed};
+use crate::error::{Error, Result, reuse, try_zeroed};
 use crate::{Float, par};
 use lanes::{BATCH, GROUPS, Plan};
 
@@ -531,12 +531,9 @@ pub(crate) struct Scratch<F> {
 impl<F: Float> Scratch<F> {
     /// Makes room for `plan` (and its VJP's stored iterates when `vjp`).
     fn ensure(&mut self, plan: &Plan<F>, vjp: bool) -> Result<()> {
+        // Room for the shift to an `ALIGN`ed start (see `aligned`).
         fn grow<F: Float>(v: &mut Vec<F>, what: &'static str, len: usize) -> Result<()> {
-            let len = len + ALIGN / std::mem::size_of::<F>();
-            if v.len() < len {
-                *v = try_zeroed(what, len)?;
-            }
-            Ok(())
+            reuse(v, what, len + ALIGN / std::mem::size_of::<F>())
         }
         let n = plan.n;
         grow(&mut self.buf, "sinkhorn scratch", n * n * BATCH)?;
