@@ -40,8 +40,10 @@ pub(crate) fn try_for_each<T: Send>(
 
 /// Runs `f` compiled for the best instruction set this CPU has (AVX2+FMA, AVX-512, NEON…),
 /// chosen at run time by `pulp`, the SIMD layer faer uses. The kernels called inside are
-/// `#[inline(always)]`, so they are compiled into the dispatched copy. No `mul_add` is used
-/// and LLVM does not contract `a * b + c`, so every copy gives the same bits.
+/// `#[inline(always)]`, so they are compiled into the dispatched copy. LLVM does not contract
+/// `a * b + c`, and an explicit `mul_add` is fused (one rounding) in every copy: the FMA
+/// instruction where the copy has it, the C library's exact `fma` otherwise. So every copy gives
+/// the same bits.
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)

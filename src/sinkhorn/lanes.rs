@@ -18,7 +18,16 @@
 //! matrix-vector product and `n` divisions, with nothing written back: the first version,
 //! which rescaled and stored all `n²` entries at every step, spent most of its time on those
 //! loads and stores (7 M matrices/s, against 8.3 M factored; n = 4, f32, one group, one core).
-//! The result is `(a_i · P'_ij) · b_j`: the same map, rounded differently from the unfactored loop (a few ulp).
+//! The result is `(a_i · P'_ij) · b_j`: the same map, rounded differently from the unfactored
+//! loop (a few ulp). The scalings are updated through their reciprocals (see [`normalise`]),
+//! which takes a product and a sum off the chain from one step to the next.
+//!
+//! Cost model, n = 4, f32, AVX2 (Zen 3: two FMA pipes, a ymm division every 3.3 cycles, two
+//! 256-bit loads a cycle): a row of a step is 4 multiplies / multiply-adds, 1 division and,
+//! with `eps > 0`, 1 multiply-add, with 4 loads of `P'` and 1 of the reciprocal scaling. The
+//! FMA pipes and the load ports each need ≈ 40 cycles a step of 32 matrices (0.4 ns a matrix);
+//! measured 0.64 ns (1.07 ns before the reciprocal form, the local copy of the other scaling and
+//! the cheaper accuracy check, when ≈ 180 loads a step made the load ports the bottleneck).
 //!
 //! The VJP needs every iterate; it stores the `n` scalings each step changes and the `n`
 //! reciprocals, and rebuilds `M` entry by entry from them.
@@ -41,6 +50,9 @@ const _: () = assert!(
 
 /// Matrices per kernel call.
 pub(crate) const BATCH: usize = GROUPS * LANES;
+
+/// Scaling vectors a group keeps: `a`, `b` and their reciprocals (see [`normalise`]).
+pub(crate) const SCALE: usize = 4;
 
 type Lane<F> = [F; LANES];
 
@@ -104,16 +116,20 @@ fn lane_mut<F: Float>(buf: &mut [F], e: usize) -> &mut Lane<F> {
     (&mut buf[e * LANES..(e + 1) * LANES]).try_into().unwrap()
 }
 
-/// What one run of the forward iteration needs: size, iteration count, epsilon, and the
-/// threshold below which a denominator means the linear domain has lost accuracy.
+/// What one run of the forward iteration needs: size, iteration count, epsilon, and the bound
+/// on the scalings beyond which the linear domain may have lost accuracy.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan<F> {
     pub n: usize,
     pub iters: usize,
     pub eps: F,
-    /// `MIN_POSITIVE / EPSILON`: a normalising sum at least this large guarantees that every
-    /// entry contributing more than one ulp to it is a normal number.
-    pub threshold: F,
+    /// `sqrt(EPSILON / MIN_POSITIVE)`. A normalising sum at least `MIN_POSITIVE / EPSILON`
+    /// guarantees that every entry contributing more than one ulp to it is a normal number.
+    /// A denominator is the ratio `u_i' / u_i` of two successive reciprocal scalings, so if
+    /// every scaling and its reciprocal stay at most `bound` (one running maximum a lane, off
+    /// the critical path), every denominator is at least `1 / bound² = MIN_POSITIVE / EPSILON`.
+    /// Stricter than checking each denominator, which cost a load and a multiply-add a row.
+    pub bound: F,
 }
 
 impl<F: Float> Plan<F> {
@@ -122,7 +138,7 @@ impl<F: Float> Plan<F> {
             n,
             iters,
             eps: F::from_f64(eps),
-            threshold: F::min_positive_value() / F::epsilon(),
+            bound: (F::epsilon() / F::min_positive_value()).sqrt(),
         }
     }
 
@@ -255,40 +271,55 @@ fn column_softmax<F: Float, D: Dim>(d: D, buf: &mut [F]) {
 
 /// One normalisation of the factored iterate `diag(a) · p · diag(b)`: with `rows`, each `a_i`
 /// becomes `a_i / (a_i · Σ_j p_ij b_j + eps)`; otherwise each `b_j` the same with the roles
-/// swapped. `scale` holds `a` (`n` lanes) then `b`. Writes the reciprocals of the denominators
-/// to `rec` and lowers `min_den` to the smallest denominator.
+/// swapped. `scale` holds `a`, `b`, then their reciprocals `u = 1/a`, `v = 1/b` (`n` lanes
+/// each). Writes the reciprocals of the denominators to `rec` when given, and raises `spread`
+/// to the largest of the new scalings and their reciprocals (see [`Plan::bound`]).
+///
+/// The update runs on the reciprocal: `1/a_i' = (a_i t_i + eps) / a_i = t_i + eps · u_i` with
+/// `t = p b`, so `u_i' = fma(eps, u_i, t_i)` and `a_i' = 1 / u_i'`. The chain from one step to
+/// the next is the mat-vec, one fused multiply-add and one division, and a row reads only
+/// `p`'s row and its own `u_i`: with the `n` lanes of `b` copied to locals first (through the
+/// slices LLVM must assume the stores to `a` may change `b`, and reloaded all of `b` for every
+/// row), the loads no longer outnumber what the two load ports take in the time of the
+/// arithmetic. Without `EPS` (`eps = 0`, the default) `u_i' = t_i`, and `u` is neither read nor
+/// written unless the VJP needs the reciprocals.
 #[inline(always)]
-fn normalise<F: Float, D: Dim>(
+#[allow(clippy::too_many_arguments)]
+fn normalise<F: Float, D: Dim, const EPS: bool>(
     d: D,
     rows: bool,
     eps: F,
     p: &[F],
     scale: &mut [F],
-    rec: &mut [F],
-    min_den: &mut Lane<F>,
+    rec: Option<&mut [F]>,
+    spread: &mut Lane<F>,
 ) {
     let n = d.get();
     let p = &p[..n * n * LANES];
-    let scale = &mut scale[..2 * n * LANES];
-    let rec = &mut rec[..n * LANES];
+    let scale = &mut scale[..SCALE * n * LANES];
     let (outer, inner) = if rows { (n, 1) } else { (1, n) };
-    let (this, other) = scale.split_at_mut(n * LANES);
-    let (this, other) = if rows {
-        (this, &*other)
-    } else {
-        (other, &*this)
-    };
-    for a in 0..n {
-        // `Σ_b p_ab · other_b` in two interleaved partial sums (even and odd `b`), halving the
+    let (ab, uv) = scale.split_at_mut(2 * n * LANES);
+    let (a, b) = ab.split_at_mut(n * LANES);
+    let (u, v) = uv.split_at_mut(n * LANES);
+    let (this, other, inv) = if rows { (a, &*b, u) } else { (b, &*a, v) };
+    let mut local = [[F::zero(); LANES]; LOCAL];
+    if n <= LOCAL {
+        for (j, o) in local.iter_mut().enumerate().take(n) {
+            *o = *lane(other, j);
+        }
+    }
+    let mut rec = rec.map(|r| &mut r[..n * LANES]);
+    for i in 0..n {
+        // `Σ_j p_ij · other_j` in two interleaved partial sums (even and odd `j`), halving the
         // chain of dependent additions.
-        let mut t = mul(lane(p, a * outer), lane(other, 0));
+        let mut t = mul(lane(p, i * outer), pick(&local, other, n, 0));
         if n > 1 {
-            let mut t1 = mul(lane(p, a * outer + inner), lane(other, 1));
-            for b in 2..n {
-                let q = mul(lane(p, a * outer + b * inner), lane(other, b));
-                let acc = if b % 2 == 0 { &mut t } else { &mut t1 };
+            let mut t1 = mul(lane(p, i * outer + inner), pick(&local, other, n, 1));
+            for j in 2..n {
+                let (pv, ov) = (lane(p, i * outer + j * inner), pick(&local, other, n, j));
+                let acc = if j % 2 == 0 { &mut t } else { &mut t1 };
                 for l in 0..LANES {
-                    acc[l] += q[l];
+                    acc[l] = pv[l].mul_add(ov[l], acc[l]);
                 }
             }
             for l in 0..LANES {
@@ -297,19 +328,45 @@ fn normalise<F: Float, D: Dim>(
         }
         // Computed in locals and stored whole: through two `&mut` lanes LLVM cannot rule out
         // aliasing after inlining, and falls back to scalar code.
-        let mut s = *lane(this, a);
-        let mut r = [F::zero(); LANES];
-        let mut md = *min_den;
+        let keep = EPS || rec.is_some();
+        let w = if keep { *lane(inv, i) } else { t };
+        let mut s1 = [F::zero(); LANES];
+        let mut w1 = [F::zero(); LANES];
+        let mut sp = *spread;
         for l in 0..LANES {
-            let den = s[l] * t[l] + eps;
-            // A plain comparison (one `minps`): the denominators are never NaN here.
-            md[l] = if den < md[l] { den } else { md[l] };
-            r[l] = F::one() / den;
-            s[l] *= r[l];
+            w1[l] = if EPS { eps.mul_add(w[l], t[l]) } else { t[l] };
+            s1[l] = F::one() / w1[l];
+            // Plain comparisons (`maxps`): a NaN is caught by the final range check instead.
+            let m = if w1[l] > s1[l] { w1[l] } else { s1[l] };
+            sp[l] = if m > sp[l] { m } else { sp[l] };
         }
-        *min_den = md;
-        *lane_mut(this, a) = s;
-        *lane_mut(rec, a) = r;
+        *spread = sp;
+        *lane_mut(this, i) = s1;
+        if keep {
+            *lane_mut(inv, i) = w1;
+        }
+        if let Some(rec) = rec.as_deref_mut() {
+            *lane_mut(rec, i) = mul(&w, &s1);
+        }
+    }
+}
+
+/// Lanes copied to locals by [`normalise`]: every `n` it is specialised for (see
+/// [`with_dim!`]); a larger run-time `n` reads the slice.
+const LOCAL: usize = 8;
+
+/// Lane `j` of the other scaling: the local copy when there is one.
+#[inline(always)]
+fn pick<'a, F: Float>(
+    local: &'a [Lane<F>; LOCAL],
+    other: &'a [F],
+    n: usize,
+    j: usize,
+) -> &'a Lane<F> {
+    if n <= LOCAL {
+        &local[j]
+    } else {
+        lane(other, j)
     }
 }
 
@@ -334,30 +391,29 @@ fn entry<F: Float>(a: &Lane<F>, p: &Lane<F>, b: &Lane<F>) -> Lane<F> {
 }
 
 /// Step `k` of [`forward`] (rows when `rows`), keeping its reciprocals and the scaling it
-/// changed in `store` when given (in `rec` otherwise).
+/// changed in `store` when given.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_step<F: Float, D: Dim>(
+fn forward_step<F: Float, D: Dim, const EPS: bool>(
     d: D,
     plan: &Plan<F>,
     k: usize,
     rows: bool,
     p: &[F],
     scale: &mut [F],
-    rec: &mut [F],
     store: Option<&mut [F]>,
-    min_den: &mut Lane<F>,
+    spread: &mut Lane<F>,
 ) {
     let n = d.get();
     match store {
         Some(st) => {
             let at = plan.step_at(k);
             let (r, changed) = st[at..at + 2 * n * LANES].split_at_mut(n * LANES);
-            normalise(d, rows, plan.eps, p, scale, r, min_den);
+            normalise::<F, D, EPS>(d, rows, plan.eps, p, scale, Some(r), spread);
             let from = if rows { 0 } else { n * LANES };
             changed.copy_from_slice(&scale[from..from + n * LANES]);
         }
-        None => normalise(d, rows, plan.eps, p, scale, rec, min_den),
+        None => normalise::<F, D, EPS>(d, rows, plan.eps, p, scale, None, spread),
     }
 }
 
@@ -382,7 +438,7 @@ fn prepare<F: Float, D: Dim>(
             *v += plan.eps;
         }
     }
-    scale[..2 * n * LANES].fill(F::one());
+    scale[..4 * n * LANES].fill(F::one());
 }
 
 /// Step `k` of [`forward`] for both groups, written out (not a loop: LLVM does not unroll a
@@ -390,32 +446,30 @@ fn prepare<F: Float, D: Dim>(
 /// with masked stores, 2× slower).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_steps<F: Float, D: Dim>(
+fn forward_steps<F: Float, D: Dim, const EPS: bool>(
     d: D,
     plan: &Plan<F>,
     k: usize,
     rows: bool,
     buf: &[F],
     scale: &mut [F],
-    rec: &mut [F],
     store: Option<&mut [F]>,
     md0: &mut Lane<F>,
     md1: &mut Lane<F>,
 ) {
     let n = d.get();
-    let (bl, sl, rl, stl) = (n * n * LANES, 2 * n * LANES, n * LANES, plan.store_len());
+    let (bl, sl, stl) = (n * n * LANES, SCALE * n * LANES, plan.store_len());
     let (b0, b1) = (&buf[..bl], &buf[bl..2 * bl]);
     let (s0, s1) = scale[..2 * sl].split_at_mut(sl);
-    let (r0, r1) = rec[..2 * rl].split_at_mut(rl);
     match store {
         Some(st) => {
             let (t0, t1) = st[..2 * stl].split_at_mut(stl);
-            forward_step(d, plan, k, rows, b0, s0, r0, Some(t0), md0);
-            forward_step(d, plan, k, rows, b1, s1, r1, Some(t1), md1);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, Some(t0), md0);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, Some(t1), md1);
         }
         None => {
-            forward_step(d, plan, k, rows, b0, s0, r0, None, md0);
-            forward_step(d, plan, k, rows, b1, s1, r1, None, md1);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, None, md0);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, None, md1);
         }
     }
 }
@@ -428,20 +482,21 @@ fn finish<F: Float, D: Dim>(
     plan: &Plan<F>,
     buf: &mut [F],
     scale: &[F],
-    min_den: &Lane<F>,
+    spread: &Lane<F>,
 ) -> [bool; LANES] {
     let n = d.get();
     let buf = &mut buf[..n * n * LANES];
     let (a, b) = scale[..2 * n * LANES].split_at(n * LANES);
-    let (lo, hi) = (plan.threshold, F::one() / plan.threshold);
+    let (lo, hi) = (F::one() / plan.bound, plan.bound);
     let mut ok = [true; LANES];
     for l in 0..LANES {
-        ok[l] = min_den[l] >= plan.threshold;
+        ok[l] = spread[l] <= hi;
     }
     for e in 0..n {
         let (av, bv) = (lane(a, e), lane(b, e));
         for l in 0..LANES {
-            // `&`, not `&&`: no short circuit, so the comparisons vectorise.
+            // `&`, not `&&`: no short circuit, so the comparisons vectorise. Also false for a
+            // NaN, which the running maximum passes over.
             ok[l] &= (av[l] >= lo) & (av[l] <= hi) & (bv[l] >= lo) & (bv[l] <= hi);
         }
     }
@@ -454,23 +509,44 @@ fn finish<F: Float, D: Dim>(
     ok
 }
 
+/// The normalisation steps of [`forward`]: rows, then `iters - 1` × (columns, rows).
+#[inline(always)]
+fn iterate<F: Float, D: Dim, const EPS: bool>(
+    d: D,
+    plan: &Plan<F>,
+    buf: &[F],
+    scale: &mut [F],
+    mut store: Option<&mut [F]>,
+    m0: &mut Lane<F>,
+    m1: &mut Lane<F>,
+) {
+    // `rows` is a literal at every call, so each direction is compiled with constant indices.
+    let st = store.as_deref_mut();
+    forward_steps::<F, D, EPS>(d, plan, 0, true, buf, scale, st, m0, m1);
+    for it in 1..plan.iters {
+        let st = store.as_deref_mut();
+        forward_steps::<F, D, EPS>(d, plan, 2 * it - 1, false, buf, scale, st, m0, m1);
+        let st = store.as_deref_mut();
+        forward_steps::<F, D, EPS>(d, plan, 2 * it, true, buf, scale, st, m0, m1);
+    }
+}
+
 /// Runs SPEC §2 in place on the [`GROUPS`] groups in `buf` (logits in, projection out), the
-/// groups' steps interleaved. `scale` (`GROUPS·2n·LANES`) and `rec` (`GROUPS·n·LANES`) are
-/// scratch. With `store` (`GROUPS ·` [`Plan::store_len`]), keeps what the VJP needs. Returns,
-/// per matrix, whether the linear domain was accurate: every denominator at least the plan's
-/// threshold and every scaling within `[threshold, 1/threshold]`.
+/// groups' steps interleaved. `scale` (`GROUPS ·` [`SCALE`] `· n · LANES`) is scratch. With
+/// `store` (`GROUPS ·` [`Plan::store_len`]), keeps what the VJP needs. Returns, per matrix,
+/// whether the linear domain was accurate: every scaling, at every step, and its reciprocal
+/// at most the plan's bound, and no NaN.
 #[inline(always)]
 pub(crate) fn forward<F: Float, D: Dim>(
     d: D,
     plan: &Plan<F>,
     buf: &mut [F],
     scale: &mut [F],
-    rec: &mut [F],
     mut store: Option<&mut [F]>,
 ) -> [bool; BATCH] {
     debug_assert_eq!(d.get(), plan.n);
     let n = d.get();
-    let (bl, sl, stl) = (n * n * LANES, 2 * n * LANES, plan.store_len());
+    let (bl, sl, stl) = (n * n * LANES, SCALE * n * LANES, plan.store_len());
     for g in 0..GROUPS {
         let st = store
             .as_deref_mut()
@@ -483,30 +559,15 @@ pub(crate) fn forward<F: Float, D: Dim>(
             st,
         );
     }
-    let (mut md0, mut md1) = ([F::infinity(); LANES], [F::infinity(); LANES]);
-    // `rows` is a literal at every call, so each direction is compiled with constant indices.
-    let (m0, m1) = (&mut md0, &mut md1);
-    forward_steps(
-        d,
-        plan,
-        0,
-        true,
-        buf,
-        scale,
-        rec,
-        store.as_deref_mut(),
-        m0,
-        m1,
-    );
-    for it in 1..plan.iters {
-        let st = store.as_deref_mut();
-        forward_steps(d, plan, 2 * it - 1, false, buf, scale, rec, st, m0, m1);
-        let st = store.as_deref_mut();
-        forward_steps(d, plan, 2 * it, true, buf, scale, rec, st, m0, m1);
+    let (mut md0, mut md1) = ([F::zero(); LANES], [F::zero(); LANES]);
+    if plan.eps > F::zero() {
+        iterate::<F, D, true>(d, plan, buf, scale, store, &mut md0, &mut md1);
+    } else {
+        iterate::<F, D, false>(d, plan, buf, scale, store, &mut md0, &mut md1);
     }
-    let min_den = [md0, md1];
+    let spread = [md0, md1];
     let mut ok = [true; BATCH];
-    for (g, md) in min_den.iter().enumerate() {
+    for (g, md) in spread.iter().enumerate() {
         let o = finish(
             d,
             plan,

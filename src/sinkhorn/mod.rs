@@ -280,7 +280,7 @@ impl SinkhornKnopp {
         let plan = Plan::<F>::new(n, self.iters, self.eps);
         scratch.ensure(&plan, false)?;
         let (buf, scale) = (aligned(&mut scratch.buf), aligned(&mut scratch.scale));
-        let (rec, fallback) = (aligned(&mut scratch.rec), &mut scratch.fallback);
+        let fallback = &mut scratch.fallback;
         fallback.clear();
         // Linear domain, vectorised; remember the matrices that need the log domain.
         par::vectorized(
@@ -294,7 +294,7 @@ impl SinkhornKnopp {
                     {
                         let count = l.len() / nn;
                         lanes::gather_batch(d, l, count, buf);
-                        let ok = lanes::forward(d, &plan, buf, scale, rec, None);
+                        let ok = lanes::forward(d, &plan, buf, scale, None);
                         lanes::scatter_batch(d, buf, count, o);
                         fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
@@ -485,7 +485,7 @@ impl SinkhornKnopp {
                     {
                         let count = l.len() / nn;
                         lanes::gather_batch(d, l, count, buf);
-                        let ok = lanes::forward(d, &plan, buf, scale, rec, Some(store));
+                        let ok = lanes::forward(d, &plan, buf, scale, Some(store));
                         lanes::gather_batch(d, u, count, buf);
                         lanes::backward(d, &plan, store, pe, rec, buf);
                         lanes::scatter_batch(d, buf, count, g);
@@ -537,9 +537,13 @@ impl<F: Float> Scratch<F> {
         }
         let n = plan.n;
         grow(&mut self.buf, "sinkhorn scratch", n * n * BATCH)?;
-        grow(&mut self.scale, "sinkhorn scratch", 2 * n * BATCH)?;
-        grow(&mut self.rec, "sinkhorn scratch", n * BATCH)?;
+        grow(
+            &mut self.scale,
+            "sinkhorn scratch",
+            lanes::SCALE * n * BATCH,
+        )?;
         if vjp {
+            grow(&mut self.rec, "sinkhorn scratch", n * BATCH)?;
             grow(&mut self.pe, "sinkhorn scratch", n * n * BATCH)?;
             let len = crate::error::checked_size(
                 "sinkhorn vjp scratch",
