@@ -52,10 +52,17 @@ pub trait Float:
     fn tanh_fast(self) -> Self;
     /// `exp`, vectorisable: for `f32` a range reduction and a degree-7 polynomial (Cephes'
     /// `expf`) accurate to 2 ulp, results below `MIN_POSITIVE` flushed to zero; for `f64` the
-    /// standard library's. Branch-free and made of `+ − ×` only, so every SIMD copy gives the
-    /// same bits. Not part of the stable API.
+    /// standard library's. Branch-free and made of `+ − ×` and fused multiply-adds only, so
+    /// every SIMD copy gives the same bits. Not part of the stable API.
     #[doc(hidden)]
     fn exp_fast(self) -> Self;
+    /// `s` as `f32`s when `Self` is `f32`, else `None` (for kernels with an `f32`-only SIMD
+    /// path). Not part of the stable API.
+    #[doc(hidden)]
+    fn as_f32s(s: &[Self]) -> Option<&[f32]>;
+    /// [`as_f32s`](Self::as_f32s) for a mutable slice. Not part of the stable API.
+    #[doc(hidden)]
+    fn as_f32s_mut(s: &mut [Self]) -> Option<&mut [f32]>;
     /// `dst (+)= lhs · rhs` through faer, on rayon's pool when `parallel`. Not part of the
     /// stable API.
     #[doc(hidden)]
@@ -88,6 +95,14 @@ macro_rules! impl_float {
             fn exp_fast(self) -> Self {
                 self.exp_impl()
             }
+            #[inline(always)]
+            fn as_f32s(s: &[Self]) -> Option<&[f32]> {
+                Self::f32s(s)
+            }
+            #[inline(always)]
+            fn as_f32s_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+                Self::f32s_mut(s)
+            }
             fn gemm(
                 dst: faer::MatMut<'_, Self>,
                 accumulate: bool,
@@ -116,9 +131,11 @@ impl_float!(f32);
 impl_float!(f64);
 
 /// The per-type approximations behind [`Float::tanh_fast`] and [`Float::exp_fast`].
-trait FastImpl {
+trait FastImpl: Sized {
     fn tanh_impl(self) -> Self;
     fn exp_impl(self) -> Self;
+    fn f32s(s: &[Self]) -> Option<&[f32]>;
+    fn f32s_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl FastImpl for f64 {
@@ -130,9 +147,26 @@ impl FastImpl for f64 {
     fn exp_impl(self) -> f64 {
         self.exp()
     }
+    #[inline(always)]
+    fn f32s(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn f32s_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl FastImpl for f32 {
+    #[inline(always)]
+    fn f32s(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn f32s_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+
     /// Rational approximation `x·p(x²)/q(x²)` on `[−7.905, 7.905]` (saturated outside), as in
     /// Eigen's `generic_fast_tanh_float`: max error a few ulp, branch-free so it vectorises.
     #[inline(always)]
@@ -158,7 +192,7 @@ impl FastImpl for f32 {
     }
 
     /// `exp(x) = 2^k · e^r` with `k = round(x / ln 2)` and `|r| ≤ ln 2 / 2` (Cody-Waite: `ln 2`
-    /// split in two so `r` is exact), `e^r` by Cephes' minimax polynomial, `2^k` built in the
+    /// split in two), `e^r` by Cephes' minimax polynomial, `2^k` built in the
     /// exponent bits. `k` comes out of the float's bits after adding `1.5 · 2^23`, so no
     /// conversion instruction is involved. Inputs are clamped to the range where `2^k` is a
     /// normal number: results for `x < ln(MIN_POSITIVE)` are `0`, for `x > 88` `e^88`.
@@ -179,12 +213,20 @@ impl FastImpl for f32 {
             0.5,
         ];
         let x = self.clamp(LO, HI);
-        let t = x * LOG2E + MAGIC;
+        let t = x.mul_add(LOG2E, MAGIC);
         let k = t - MAGIC;
-        let r = (x - k * LN2_HI) - k * LN2_LO;
-        let p = (((((P[0] * r + P[1]) * r + P[2]) * r + P[3]) * r + P[4]) * r + P[5]) * (r * r)
-            + r
-            + 1.0;
+        let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, x));
+        // `q(r) = P5 + P4 r + … + P0 r⁵` by Estrin's scheme (three independent pairs, then two
+        // multiply-adds): 4 dependent operations instead of Horner's 5 multiply-adds, 6 products
+        // and sums without FMA. The softmax evaluates 16 of these a matrix, and with Horner's
+        // chain the scheduler filled with waiting operations long before the FMA pipes did.
+        let r2 = r * r;
+        let r4 = r2 * r2;
+        let lo = r.mul_add(P[4], P[5]);
+        let mid = r.mul_add(P[2], P[3]);
+        let hi = r.mul_add(P[0], P[1]);
+        let q = hi.mul_add(r4, mid.mul_add(r2, lo));
+        let p = r2.mul_add(q, r) + 1.0;
         // t's low mantissa bits hold k (|k| ≤ 127 ≪ 2^22): k + 127 is the biased exponent.
         let ki = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
         let scale = f32::from_bits(((ki + 127) << 23) as u32);

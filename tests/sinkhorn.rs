@@ -490,3 +490,66 @@ fn vjp_batch_into_equals_vjp_batch_and_checks_grad() {
         })
     );
 }
+
+/// The `f32` batch path moves full groups with SIMD transposes and a single matrix with scalar
+/// moves: the results must still be bitwise those of one matrix at a time.
+#[test]
+fn f32_batch_is_bitwise_identical_to_single() {
+    let b = 200;
+    for &n in &[2usize, 4, 8] {
+        let logits = Array3::<f32>::from_shape_fn((b, n, n), |(k, i, j)| {
+            (((k * 31 + i * 7 + j * 3) % 17) as f32 - 8.0) * 0.37
+        });
+        let up = logits.mapv(|v| (v * 1.3).cos());
+        let sk = SinkhornKnopp::default();
+        let batch = sk.project_batch(logits.view()).unwrap();
+        let gb = sk.vjp_batch(logits.view(), up.view()).unwrap();
+        for k in 0..b {
+            let l = logits.index_axis(Axis(0), k);
+            assert_eq!(
+                sk.project(l).unwrap(),
+                batch.index_axis(Axis(0), k),
+                "n={n} k={k}"
+            );
+            let g = sk.vjp(l, up.index_axis(Axis(0), k)).unwrap();
+            assert_eq!(g, gb.index_axis(Axis(0), k), "n={n} k={k}");
+        }
+    }
+}
+
+/// Finiteness is checked inside the kernel (a flagged matrix is looked at afterwards): the
+/// error still names the first non-finite matrix of the whole batch, across parallel tasks,
+/// including an `-inf` logit in a column whose maximum is finite (which the softmax alone
+/// would turn into a harmless zero).
+#[test]
+fn non_finite_logits_are_found_inside_the_kernel() {
+    let (b, n) = (8000, 4);
+    let sk = SinkhornKnopp::default();
+    for bad in [f32::NEG_INFINITY, f32::INFINITY, f32::NAN] {
+        let mut l = Array3::<f32>::from_shape_fn((b, n, n), |(k, i, j)| {
+            ((k + 3 * i + 5 * j) % 7) as f32 * 0.3
+        });
+        l[[7000, 0, 3]] = bad;
+        l[[5001, 2, 1]] = bad;
+        let mut out = Array3::zeros((b, n, n));
+        assert_eq!(
+            sk.project_batch_into(l.view(), out.view_mut()),
+            Err(Error::NonFinite {
+                what: "logits",
+                index: 5001
+            }),
+            "{bad}"
+        );
+        assert_eq!(
+            sk.project_batch(l.slice(ndarray::s![7000..7001, .., ..])),
+            Err(Error::NonFinite {
+                what: "logits",
+                index: 0
+            })
+        );
+        // A finite batch around it is unaffected.
+        l[[7000, 0, 3]] = 0.0;
+        l[[5001, 2, 1]] = 0.0;
+        assert!(sk.project_batch(l.view()).is_ok());
+    }
+}

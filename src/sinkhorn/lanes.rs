@@ -32,6 +32,7 @@
 //! The VJP needs every iterate; it stores the `n` scalings each step changes and the `n`
 //! reciprocals, and rebuilds `M` entry by entry from them.
 
+use super::shuffle::Shuffler;
 use crate::Float;
 
 /// Matrices processed side by side in one group (two AVX2 registers of `f32`).
@@ -162,12 +163,21 @@ impl<F: Float> Plan<F> {
 /// Copies `count ≤ LANES` row-major `n×n` matrices into structure-of-arrays form; lanes past
 /// `count` are zero (a valid input whose result is discarded).
 #[inline(always)]
-pub(crate) fn gather<F: Float, D: Dim>(d: D, src: &[F], count: usize, buf: &mut [F]) {
+pub(crate) fn gather<F: Float, D: Dim>(
+    d: D,
+    shuf: Shuffler,
+    src: &[F],
+    count: usize,
+    buf: &mut [F],
+) {
     let nn = d.get() * d.get();
     debug_assert!(count <= LANES && src.len() >= count * nn);
     let buf = &mut buf[..nn * LANES];
     if count == LANES {
         let src = &src[..nn * LANES];
+        if transpose_blocks(shuf, src, nn, buf, LANES, LANES, nn) {
+            return;
+        }
         for e in 0..nn {
             let v = lane_mut(buf, e);
             for (l, v) in v.iter_mut().enumerate() {
@@ -188,37 +198,92 @@ pub(crate) fn gather<F: Float, D: Dim>(d: D, src: &[F], count: usize, buf: &mut 
     }
 }
 
+/// `dst[c · ds + r] = src[r · ss + c]` for the `rows × cols` block, in 8×8 shuffles; `false`,
+/// having done nothing, unless `F` is `f32`, both sizes are multiples of 8 and the CPU can.
+#[inline(always)]
+fn transpose_blocks<F: Float>(
+    shuf: Shuffler,
+    src: &[F],
+    ss: usize,
+    dst: &mut [F],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) -> bool {
+    if rows % 8 != 0 || cols % 8 != 0 {
+        return false;
+    }
+    let (Some(src), Some(dst)) = (F::as_f32s(src), F::as_f32s_mut(dst)) else {
+        return false;
+    };
+    for r in (0..rows).step_by(8) {
+        for c in (0..cols).step_by(8) {
+            if !shuf.transpose8(&src[r * ss + c..], ss, &mut dst[c * ds + r..], ds) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// [`gather`] of `count ≤ BATCH` matrices into the [`GROUPS`] groups.
 #[inline(always)]
-pub(crate) fn gather_batch<F: Float, D: Dim>(d: D, src: &[F], count: usize, buf: &mut [F]) {
+pub(crate) fn gather_batch<F: Float, D: Dim>(
+    d: D,
+    shuf: Shuffler,
+    src: &[F],
+    count: usize,
+    buf: &mut [F],
+) {
     let nn = d.get() * d.get();
     for g in 0..GROUPS {
         let c = count.saturating_sub(g * LANES).min(LANES);
         let src = src.get(g * LANES * nn..).unwrap_or(&[]);
-        gather(d, src, c, &mut buf[g * nn * LANES..(g + 1) * nn * LANES]);
+        gather(
+            d,
+            shuf,
+            src,
+            c,
+            &mut buf[g * nn * LANES..(g + 1) * nn * LANES],
+        );
     }
 }
 
 /// [`scatter`] of the first `count ≤ BATCH` matrices out of the groups.
 #[inline(always)]
-pub(crate) fn scatter_batch<F: Float, D: Dim>(d: D, buf: &[F], count: usize, dst: &mut [F]) {
+pub(crate) fn scatter_batch<F: Float, D: Dim>(
+    d: D,
+    shuf: Shuffler,
+    buf: &[F],
+    count: usize,
+    dst: &mut [F],
+) {
     let nn = d.get() * d.get();
     for g in 0..GROUPS {
         let c = count.saturating_sub(g * LANES).min(LANES);
         if c > 0 {
             let b = &buf[g * nn * LANES..(g + 1) * nn * LANES];
-            scatter(d, b, c, &mut dst[g * LANES * nn..]);
+            scatter(d, shuf, b, c, &mut dst[g * LANES * nn..]);
         }
     }
 }
 
 /// The inverse of [`gather`] for the first `count` lanes.
 #[inline(always)]
-pub(crate) fn scatter<F: Float, D: Dim>(d: D, buf: &[F], count: usize, dst: &mut [F]) {
+pub(crate) fn scatter<F: Float, D: Dim>(
+    d: D,
+    shuf: Shuffler,
+    buf: &[F],
+    count: usize,
+    dst: &mut [F],
+) {
     let nn = d.get() * d.get();
     let buf = &buf[..nn * LANES];
     if count == LANES {
         let dst = &mut dst[..LANES * nn];
+        if transpose_blocks(shuf, buf, LANES, dst, nn, nn, LANES) {
+            return;
+        }
         for e in 0..nn {
             let v = lane(buf, e);
             for l in 0..LANES {
@@ -236,17 +301,22 @@ pub(crate) fn scatter<F: Float, D: Dim>(d: D, buf: &[F], count: usize, dst: &mut
     }
 }
 
-/// `buf = softmax over each column` in place (stable: shifted by the column max).
+/// `buf = softmax over each column` in place (stable: shifted by the column max). Returns, per
+/// lane, `Σ (x − x)` over the logits: `0` when all are finite, NaN otherwise (an `-inf`
+/// logit would otherwise pass as a zero entry).
 #[inline(always)]
-fn column_softmax<F: Float, D: Dim>(d: D, buf: &mut [F]) {
+#[allow(clippy::eq_op)] // x − x is 0 for finite x and NaN otherwise: the point
+fn column_softmax<F: Float, D: Dim>(d: D, buf: &mut [F]) -> Lane<F> {
     let n = d.get();
     let buf = &mut buf[..n * n * LANES];
+    let mut fin = [F::zero(); LANES];
     for j in 0..n {
         let mut mx = *lane(buf, j);
-        for i in 1..n {
+        for i in 0..n {
             let v = lane(buf, i * n + j);
             for l in 0..LANES {
                 mx[l] = mx[l].max(v[l]);
+                fin[l] += v[l] - v[l];
             }
         }
         let mut s = [F::zero(); LANES];
@@ -267,6 +337,7 @@ fn column_softmax<F: Float, D: Dim>(d: D, buf: &mut [F]) {
             }
         }
     }
+    fin
 }
 
 /// One normalisation of the factored iterate `diag(a) · p · diag(b)`: with `rows`, each `a_i`
@@ -418,6 +489,7 @@ fn forward_step<F: Float, D: Dim, const EPS: bool>(
 }
 
 /// The column softmax, `+ eps` and unit scalings of one group, keeping the softmax in `store`.
+/// Returns [`column_softmax`]'s finiteness lane.
 #[inline(always)]
 fn prepare<F: Float, D: Dim>(
     d: D,
@@ -425,11 +497,11 @@ fn prepare<F: Float, D: Dim>(
     buf: &mut [F],
     scale: &mut [F],
     store: Option<&mut [F]>,
-) {
+) -> Lane<F> {
     let n = d.get();
     let nn = n * n;
     let buf = &mut buf[..nn * LANES];
-    column_softmax(d, buf);
+    let fin = column_softmax(d, buf);
     if let Some(st) = store {
         st[..nn * LANES].copy_from_slice(buf);
     }
@@ -438,7 +510,8 @@ fn prepare<F: Float, D: Dim>(
             *v += plan.eps;
         }
     }
-    scale[..4 * n * LANES].fill(F::one());
+    scale[..SCALE * n * LANES].fill(F::one());
+    fin
 }
 
 /// Step `k` of [`forward`] for both groups, written out (not a loop: LLVM does not unroll a
@@ -483,6 +556,7 @@ fn finish<F: Float, D: Dim>(
     buf: &mut [F],
     scale: &[F],
     spread: &Lane<F>,
+    fin: &Lane<F>,
 ) -> [bool; LANES] {
     let n = d.get();
     let buf = &mut buf[..n * n * LANES];
@@ -490,7 +564,7 @@ fn finish<F: Float, D: Dim>(
     let (lo, hi) = (F::one() / plan.bound, plan.bound);
     let mut ok = [true; LANES];
     for l in 0..LANES {
-        ok[l] = spread[l] <= hi;
+        ok[l] = (spread[l] <= hi) & (fin[l] == F::zero());
     }
     for e in 0..n {
         let (av, bv) = (lane(a, e), lane(b, e));
@@ -534,8 +608,8 @@ fn iterate<F: Float, D: Dim, const EPS: bool>(
 /// Runs SPEC §2 in place on the [`GROUPS`] groups in `buf` (logits in, projection out), the
 /// groups' steps interleaved. `scale` (`GROUPS ·` [`SCALE`] `· n · LANES`) is scratch. With
 /// `store` (`GROUPS ·` [`Plan::store_len`]), keeps what the VJP needs. Returns, per matrix,
-/// whether the linear domain was accurate: every scaling, at every step, and its reciprocal
-/// at most the plan's bound, and no NaN.
+/// whether the logits were finite and the linear domain accurate: every scaling, at every
+/// step, and its reciprocal at most the plan's bound, and no NaN.
 #[inline(always)]
 pub(crate) fn forward<F: Float, D: Dim>(
     d: D,
@@ -547,11 +621,12 @@ pub(crate) fn forward<F: Float, D: Dim>(
     debug_assert_eq!(d.get(), plan.n);
     let n = d.get();
     let (bl, sl, stl) = (n * n * LANES, SCALE * n * LANES, plan.store_len());
-    for g in 0..GROUPS {
+    let mut fin = [[F::zero(); LANES]; GROUPS];
+    for (g, fin) in fin.iter_mut().enumerate() {
         let st = store
             .as_deref_mut()
             .map(|st| &mut st[g * stl..(g + 1) * stl]);
-        prepare(
+        *fin = prepare(
             d,
             plan,
             &mut buf[g * bl..(g + 1) * bl],
@@ -574,6 +649,7 @@ pub(crate) fn forward<F: Float, D: Dim>(
             &mut buf[g * bl..(g + 1) * bl],
             &scale[g * sl..(g + 1) * sl],
             md,
+            &fin[g],
         );
         ok[g * LANES..(g + 1) * LANES].copy_from_slice(&o);
     }

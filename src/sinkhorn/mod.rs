@@ -15,6 +15,7 @@
 
 mod lanes;
 mod log;
+mod shuffle;
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
@@ -220,7 +221,9 @@ impl SinkhornKnopp {
     ///
     /// # Errors
     ///
-    /// As [`project_batch`](Self::project_batch), plus [`Error::ShapeMismatch`] for `out`.
+    /// As [`project_batch`](Self::project_batch), plus [`Error::ShapeMismatch`] for `out`. After
+    /// an [`Error::NonFinite`], `out` holds partial results (finiteness is checked inside the
+    /// kernel, not in a pass over the logits before it).
     ///
     /// # Examples
     ///
@@ -240,7 +243,6 @@ impl SinkhornKnopp {
         check_same("out", logits.shape(), out.shape())?;
         let l = logits.as_standard_layout();
         let l = l.as_slice().expect("standard layout");
-        check_finite("logits", n * n, l)?;
         match out.as_slice_mut() {
             Some(o) => self.project_batch_slices(n, l, o)?,
             None => {
@@ -252,7 +254,8 @@ impl SinkhornKnopp {
         Ok(())
     }
 
-    /// Contiguous batch, parallel over fixed chunks. Inputs already validated and finite.
+    /// Contiguous batch, parallel over fixed chunks. Shapes already validated; a non-finite
+    /// matrix is [`Error::NonFinite`] with its batch index (the lowest, on any thread count).
     pub(crate) fn project_batch_slices<F: Float>(
         &self,
         n: usize,
@@ -262,13 +265,23 @@ impl SinkhornKnopp {
         let nn = n * n;
         let chunk = task_len(nn, self.iters) * nn;
         let tasks: Vec<_> = logits.chunks(chunk).zip(out.chunks_mut(chunk)).collect();
-        par::try_for_each(tasks, |_, (l, o)| {
+        par::try_for_each(tasks, |k, (l, o)| {
             self.project_slices(n, l, o, &mut Scratch::default())
+                .map_err(|e| match e {
+                    Error::NonFinite { what, index } => Error::NonFinite {
+                        what,
+                        index: index + k * chunk / nn,
+                    },
+                    e => e,
+                })
         })
     }
 
     /// Projects the contiguous row-major matrices in `logits` into `out`, sequentially.
-    /// Inputs already validated and finite.
+    /// Shapes already validated. The kernel flags a matrix with a non-finite logit as it flags
+    /// one the linear domain cannot handle, so finiteness costs no pass of its own: such a
+    /// matrix is [`Error::NonFinite`] (`"logits"`, its index in `logits`, the first one) when
+    /// the flagged matrices are looked at, after `out` has been written.
     pub(crate) fn project_slices<F: Float>(
         &self,
         n: usize,
@@ -282,6 +295,7 @@ impl SinkhornKnopp {
         let (buf, scale) = (aligned(&mut scratch.buf), aligned(&mut scratch.scale));
         let fallback = &mut scratch.fallback;
         fallback.clear();
+        let shuf = shuffle::Shuffler::detect();
         // Linear domain, vectorised; remember the matrices that need the log domain.
         par::vectorized(
             #[inline(always)]
@@ -293,9 +307,9 @@ impl SinkhornKnopp {
                         .enumerate()
                     {
                         let count = l.len() / nn;
-                        lanes::gather_batch(d, l, count, buf);
+                        lanes::gather_batch(d, shuf, l, count, buf);
                         let ok = lanes::forward(d, &plan, buf, scale, None);
-                        lanes::scatter_batch(d, buf, count, o);
+                        lanes::scatter_batch(d, shuf, buf, count, o);
                         fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
                 })
@@ -303,6 +317,15 @@ impl SinkhornKnopp {
         );
         if fallback.is_empty() {
             return Ok(());
+        }
+        if let Some(&m) = fallback
+            .iter()
+            .find(|&&m| !crate::reduce::all_finite(&logits[m * nn..(m + 1) * nn]))
+        {
+            return Err(Error::NonFinite {
+                what: "logits",
+                index: m,
+            });
         }
         let mut log_store = log::scratch(n, self.iters, fallback.len())?;
         for &m in fallback.iter() {
@@ -473,6 +496,7 @@ impl SinkhornKnopp {
         let (rec, pe) = (aligned(&mut scratch.rec), aligned(&mut scratch.pe));
         let (store, fallback) = (aligned(&mut scratch.store), &mut scratch.fallback);
         fallback.clear();
+        let shuf = shuffle::Shuffler::detect();
         par::vectorized(
             #[inline(always)]
             || {
@@ -484,11 +508,11 @@ impl SinkhornKnopp {
                         .enumerate()
                     {
                         let count = l.len() / nn;
-                        lanes::gather_batch(d, l, count, buf);
+                        lanes::gather_batch(d, shuf, l, count, buf);
                         let ok = lanes::forward(d, &plan, buf, scale, Some(store));
-                        lanes::gather_batch(d, u, count, buf);
+                        lanes::gather_batch(d, shuf, u, count, buf);
                         lanes::backward(d, &plan, store, pe, rec, buf);
-                        lanes::scatter_batch(d, buf, count, g);
+                        lanes::scatter_batch(d, shuf, buf, count, g);
                         fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
                 })
