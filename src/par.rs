@@ -19,7 +19,10 @@ pub(crate) fn try_for_each<T: Send>(
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        if tasks.len() > 1 {
+        // One thread: run here. Handing the tasks to a one-thread pool costs a wake-up of its
+        // worker per call (≈ 70 µs measured: a 4096-matrix Sinkhorn batch took 64 ns a matrix
+        // instead of 46).
+        if tasks.len() > 1 && rayon::current_num_threads() > 1 {
             let first = std::sync::Mutex::new(None::<(usize, crate::Error)>);
             tasks.into_par_iter().enumerate().for_each(|(k, t)| {
                 if let Err(e) = f(k, t) {
