@@ -22,12 +22,15 @@
 //! loop (a few ulp). The scalings are updated through their reciprocals (see [`normalise`]),
 //! which takes a product and a sum off the chain from one step to the next.
 //!
-//! Cost model, n = 4, f32, AVX2 (Zen 3: two FMA pipes, a ymm division every 3.3 cycles, two
-//! 256-bit loads a cycle): a row of a step is 4 multiplies / multiply-adds, 1 division and,
-//! with `eps > 0`, 1 multiply-add, with 4 loads of `P'` and 1 of the reciprocal scaling. The
-//! FMA pipes and the load ports each need ≈ 40 cycles a step of 32 matrices (0.4 ns a matrix);
-//! measured 0.64 ns (1.07 ns before the reciprocal form, the local copy of the other scaling and
-//! the cheaper accuracy check, when ≈ 180 loads a step made the load ports the bottleneck).
+//! Cost, n = 4, f32, AVX2, one core of this Zen 3 (two FMA pipes, a ymm division every 3.3
+//! cycles): a row of a step is 4 multiplies / multiply-adds and 1 division (with `eps > 0` one
+//! more multiply-add), 4 loads of `P'`. Measured ≈ 0.7 ns a matrix-step (1.07 ns before the
+//! reciprocal form, the local copy of the other scaling and the cheaper accuracy check, when
+//! ≈ 180 loads a step of 32 matrices made the load ports the bottleneck). A hand-written AVX2
+//! version of the steps alone (scalings in registers, 1–4 interleaved vectors, with and without
+//! pairing the divisions) ran no faster (0.71–0.75 ns), so the remaining gap to the FMA-pipe
+//! count (≈ 0.4 ns) is not LLVM's. The fixed part (transposes, 16 `exp`, softmax, final
+//! products) is ≈ 17 ns; the projection is ≈ 42–48 ns a matrix.
 //!
 //! The VJP needs every iterate; it stores the `n` scalings each step changes and the `n`
 //! reciprocals, and rebuilds `M` entry by entry from them.
@@ -39,8 +42,8 @@ use crate::Float;
 pub(crate) const LANES: usize = 16;
 
 /// Independent groups of [`LANES`] matrices interleaved step by step. A normalisation step is
-/// a chain `mat-vec → · a_i → + eps → 1/den → · a_i` whose `n` divisions queue on the one
-/// divider; the next step needs all of it. A second group's step has no dependence on the
+/// a chain `mat-vec → + eps · u_i → 1/u_i'` whose `n` divisions queue on the one divider; the
+/// next step needs all of it. A second group's step has no dependence on the
 /// first's, so the core overlaps them (1.4× measured against one group of 16; one group of 32
 /// lanes made LLVM spill the lane arrays and ran 3× slower).
 pub(crate) const GROUPS: usize = 2;

@@ -8,10 +8,10 @@
 //!
 //! The iteration runs in the linear domain, in factored form (`diag(a) · P · diag(b)`), 32
 //! matrices side by side so that it vectorises and keeps the divider busy (see `lanes`). A matrix
-//! whose normalising sums fall below `MIN_POSITIVE / EPSILON`, or whose scalings leave
-//! `[MIN_POSITIVE / EPSILON, EPSILON / MIN_POSITIVE]` (logits spread so widely that `exp`
-//! underflows a whole row), is recomputed in log space, the same map with `logsumexp`
-//! normalisations, and its VJP goes through the log-space iterates too.
+//! whose scalings or their reciprocals exceed `sqrt(EPSILON / MIN_POSITIVE)` at any step (≈ 3e15
+//! in `f32`: logits spread so widely that the linear domain could lose accuracy; this bounds
+//! every normalising sum below by `MIN_POSITIVE / EPSILON`) is recomputed in log space, the same
+//! map with `logsumexp` normalisations, and its VJP goes through the log-space iterates too.
 
 mod lanes;
 mod log;
