@@ -392,6 +392,12 @@ fn normalise<F: Float, D: Dim, const EPS: bool>(
         }
     }
     let mut rec = rec.map(|r| &mut r[..n * LANES]);
+    let keep = EPS || rec.is_some();
+    // With `eps = 0` a column step needs no check: `P'` is column-stochastic, so
+    // `v_j' = Σ_i P'_ij a_i` lies between the smallest and largest `a_i`, which the row steps
+    // checked, and so do `b_j' = 1/v_j'` and the denominator `v_j'/v_j`. Skipping it saves
+    // ≈ 3 ns a matrix.
+    let check = rows || EPS;
     for i in 0..n {
         // `Σ_j p_ij · other_j` in two interleaved partial sums (even and odd `j`), halving the
         // chain of dependent additions.
@@ -411,23 +417,20 @@ fn normalise<F: Float, D: Dim, const EPS: bool>(
         }
         // Computed in locals and stored whole: through two `&mut` lanes LLVM cannot rule out
         // aliasing after inlining, and falls back to scalar code.
-        let keep = EPS || rec.is_some();
         let w = if keep { *lane(inv, i) } else { t };
         let mut s1 = [F::zero(); LANES];
         let mut w1 = [F::zero(); LANES];
-        let mut sp = *spread;
         for l in 0..LANES {
             w1[l] = if EPS { eps.mul_add(w[l], t[l]) } else { t[l] };
             s1[l] = F::one() / w1[l];
-            // Plain comparisons (`maxps`): a NaN is caught by the final range check instead.
-            let m = if w1[l] > s1[l] { w1[l] } else { s1[l] };
-            sp[l] = if m > sp[l] { m } else { sp[l] };
         }
-        // With `eps = 0` a column step needs no check: `P'` is column-stochastic, so
-        // `v_j' = Σ_i P'_ij a_i` lies between the smallest and largest `a_i`, which the row
-        // steps checked, and so do `b_j' = 1/v_j'` and the denominator `v_j'/v_j`. Skipping it
-        // saves ≈ 3 ns a matrix.
-        if rows || EPS {
+        if check {
+            let mut sp = *spread;
+            for l in 0..LANES {
+                // Plain comparisons (`maxps`): a NaN is caught by the final range check.
+                let m = if w1[l] > s1[l] { w1[l] } else { s1[l] };
+                sp[l] = if m > sp[l] { m } else { sp[l] };
+            }
             *spread = sp;
         }
         *lane_mut(this, i) = s1;
@@ -545,8 +548,8 @@ fn forward_steps<F: Float, D: Dim, const EPS: bool>(
     buf: &[F],
     scale: &mut [F],
     store: Option<&mut [F]>,
-    md0: &mut Lane<F>,
-    md1: &mut Lane<F>,
+    sp0: &mut Lane<F>,
+    sp1: &mut Lane<F>,
 ) {
     let n = d.get();
     let (bl, sl, stl) = (n * n * LANES, SCALE * n * LANES, plan.store_len());
@@ -555,12 +558,12 @@ fn forward_steps<F: Float, D: Dim, const EPS: bool>(
     match store {
         Some(st) => {
             let (t0, t1) = st[..2 * stl].split_at_mut(stl);
-            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, Some(t0), md0);
-            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, Some(t1), md1);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, Some(t0), sp0);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, Some(t1), sp1);
         }
         None => {
-            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, None, md0);
-            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, None, md1);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b0, s0, None, sp0);
+            forward_step::<F, D, EPS>(d, plan, k, rows, b1, s1, None, sp1);
         }
     }
 }
@@ -609,17 +612,17 @@ fn iterate<F: Float, D: Dim, const EPS: bool>(
     buf: &[F],
     scale: &mut [F],
     mut store: Option<&mut [F]>,
-    m0: &mut Lane<F>,
-    m1: &mut Lane<F>,
+    sp0: &mut Lane<F>,
+    sp1: &mut Lane<F>,
 ) {
     // `rows` is a literal at every call, so each direction is compiled with constant indices.
     let st = store.as_deref_mut();
-    forward_steps::<F, D, EPS>(d, plan, 0, true, buf, scale, st, m0, m1);
+    forward_steps::<F, D, EPS>(d, plan, 0, true, buf, scale, st, sp0, sp1);
     for it in 1..plan.iters {
         let st = store.as_deref_mut();
-        forward_steps::<F, D, EPS>(d, plan, 2 * it - 1, false, buf, scale, st, m0, m1);
+        forward_steps::<F, D, EPS>(d, plan, 2 * it - 1, false, buf, scale, st, sp0, sp1);
         let st = store.as_deref_mut();
-        forward_steps::<F, D, EPS>(d, plan, 2 * it, true, buf, scale, st, m0, m1);
+        forward_steps::<F, D, EPS>(d, plan, 2 * it, true, buf, scale, st, sp0, sp1);
     }
 }
 
@@ -652,21 +655,21 @@ pub(crate) fn forward<F: Float, D: Dim>(
             st,
         );
     }
-    let (mut md0, mut md1) = ([F::zero(); LANES], [F::zero(); LANES]);
+    let (mut sp0, mut sp1) = ([F::zero(); LANES], [F::zero(); LANES]);
     if plan.eps > F::zero() {
-        iterate::<F, D, true>(d, plan, buf, scale, store, &mut md0, &mut md1);
+        iterate::<F, D, true>(d, plan, buf, scale, store, &mut sp0, &mut sp1);
     } else {
-        iterate::<F, D, false>(d, plan, buf, scale, store, &mut md0, &mut md1);
+        iterate::<F, D, false>(d, plan, buf, scale, store, &mut sp0, &mut sp1);
     }
-    let spread = [md0, md1];
+    let spread = [sp0, sp1];
     let mut ok = [true; BATCH];
-    for (g, md) in spread.iter().enumerate() {
+    for (g, sp) in spread.iter().enumerate() {
         let o = finish(
             d,
             plan,
             &mut buf[g * bl..(g + 1) * bl],
             &scale[g * sl..(g + 1) * sl],
-            md,
+            sp,
             &fin[g],
         );
         ok[g * LANES..(g + 1) * LANES].copy_from_slice(&o);

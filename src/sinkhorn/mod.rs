@@ -409,17 +409,10 @@ impl SinkhornKnopp {
         logits: ArrayView3<F>,
         upstream: ArrayView3<F>,
     ) -> Result<Array3<F>> {
-        let n = self.check_logits(logits.shape())?;
-        check_same("upstream", logits.shape(), upstream.shape())?;
-        let l = logits.as_standard_layout();
-        let l = l.as_slice().expect("standard layout");
-        let u = upstream.as_standard_layout();
-        let u = u.as_slice().expect("standard layout");
-        check_finite("logits", n * n, l)?;
-        check_finite("upstream", n * n, u)?;
-        let mut out = try_zeroed("vjp", l.len())?;
-        self.vjp_batch_slices(n, l, u, &mut out)?;
-        Ok(Array3::from_shape_vec(logits.raw_dim(), out).expect("same shape"))
+        let out = try_zeroed("vjp", logits.len())?;
+        let mut out = Array3::from_shape_vec(logits.raw_dim(), out).expect("same shape");
+        self.vjp_batch_into(logits, upstream, out.view_mut())?;
+        Ok(out)
     }
 
     /// [`vjp_batch`](Self::vjp_batch) into a caller-provided `[B, n, n]` array.
@@ -493,7 +486,7 @@ impl SinkhornKnopp {
         let plan = Plan::<F>::new(n, self.iters, self.eps);
         scratch.ensure(&plan, true)?;
         let (buf, scale) = (aligned(&mut scratch.buf), aligned(&mut scratch.scale));
-        let (rec, pe) = (aligned(&mut scratch.rec), aligned(&mut scratch.pe));
+        let (ones, pe) = (aligned(&mut scratch.ones), aligned(&mut scratch.pe));
         let (store, fallback) = (aligned(&mut scratch.store), &mut scratch.fallback);
         fallback.clear();
         let shuf = shuffle::Shuffler::detect();
@@ -511,7 +504,7 @@ impl SinkhornKnopp {
                         lanes::gather_batch(d, shuf, l, count, buf);
                         let ok = lanes::forward(d, &plan, buf, scale, Some(store));
                         lanes::gather_batch(d, shuf, u, count, buf);
-                        lanes::backward(d, &plan, store, pe, rec, buf);
+                        lanes::backward(d, &plan, store, pe, ones, buf);
                         lanes::scatter_batch(d, shuf, buf, count, g);
                         fallback.extend((0..count).filter(|&k| !ok[k]).map(|k| ci * BATCH + k));
                     }
@@ -546,7 +539,7 @@ impl SinkhornKnopp {
 pub(crate) struct Scratch<F> {
     buf: Vec<F>,
     scale: Vec<F>,
-    rec: Vec<F>,
+    ones: Vec<F>,
     pe: Vec<F>,
     store: Vec<F>,
     fallback: Vec<usize>,
@@ -567,7 +560,7 @@ impl<F: Float> Scratch<F> {
             lanes::SCALE * n * BATCH,
         )?;
         if vjp {
-            grow(&mut self.rec, "sinkhorn scratch", n * BATCH)?;
+            grow(&mut self.ones, "sinkhorn scratch", n * BATCH)?;
             grow(&mut self.pe, "sinkhorn scratch", n * n * BATCH)?;
             let len = crate::error::checked_size(
                 "sinkhorn vjp scratch",
@@ -658,8 +651,9 @@ mod tests {
 
     /// The linear-domain kernel, wherever its accuracy check lets it answer, agrees with the
     /// log domain computed in `f64` (the fallback, an independent evaluation of the same map):
-    /// for logits spread up to 120 (uniform, so a batch mixes both domains), in `f32`, in full groups (shuffled moves) and a partial one,
-    /// with `eps = 0` (column steps unchecked) and `eps = 1e-6`. Entries are in `[0, 1]`; the
+    /// for logits spread up to 120 (uniform, so a batch mixes both domains), in `f32`, in full
+    /// groups (shuffled moves) and a partial one, with `eps = 0` (column steps unchecked) and
+    /// `eps = 1e-6`. Entries are in `[0, 1]`; the
     /// bound is 16 ulp of 1 (1.9e-6) for 39 normalisations of a few roundings each on a
     /// contraction; measured 2 ulp.
     #[test]
