@@ -8,7 +8,7 @@
 //! with the projection weight's gradient (`x_chunkᵀ · ∂proj` per fixed chunk, summed in chunk
 //! order, so the result is the same on any number of threads).
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut3};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
 use crate::error::{Result, checked_size, reuse, try_zeroed};
 use crate::mappings::{MapScratch, MappingKernel, Mappings, SUB_TOKENS, project};
@@ -126,16 +126,18 @@ pub(crate) fn write_in_backward<F: Float>(
     upstream: ArrayView3<F>,
 ) -> Result<Tape<F>> {
     let mut tape = Tape::default();
-    write_in_backward_into(k, x, y, upstream, &mut tape)?;
+    write_in_backward_into(k, x, y, upstream, None, &mut tape)?;
     Ok(tape)
 }
 
-/// [`write_in_backward`] into a tape whose buffers are reused.
+/// [`write_in_backward`] into a tape whose buffers are reused; `u` is recomputed with the
+/// read-out weights `ro` (`[T, n]`) when given, with the block's own `H_pre` otherwise.
 pub(crate) fn write_in_backward_into<F: Float>(
     k: &impl MappingKernel<F>,
     x: ArrayView3<F>,
     y: ArrayView2<F>,
     upstream: ArrayView3<F>,
+    ro: Option<ArrayView2<F>>,
     tape: &mut Tape<F>,
 ) -> Result<()> {
     let (n, c) = k.dims();
@@ -143,6 +145,11 @@ pub(crate) fn write_in_backward_into<F: Float>(
     let t = x.shape()[0];
     check_same("y", &[t, c], y.shape())?;
     check_same("upstream", &[t, n, c], upstream.shape())?;
+    if let Some(r) = &ro {
+        check_same("read-out weights", &[t, n], r.shape())?;
+    }
+    let ro = ro.as_ref().map(|r| r.as_standard_layout());
+    let ro = ro.as_ref().map(|r| r.as_slice().expect("standard layout"));
     let (rpt, m) = (k.rows_per_token(), k.width());
     tape.ensure(t, n, c, rpt, m)?;
     let x = x.as_standard_layout();
@@ -200,7 +207,8 @@ pub(crate) fn write_in_backward_into<F: Float>(
                                 &post[tl * n..(tl + 1) * n],
                                 &res[tl * n * n..(tl + 1) * n * n],
                             );
-                            read_out_token(c, xt, pt, &mut u[tl * c..(tl + 1) * c]);
+                            let wt = ro.map_or(pt, |r| &r[tg * n..(tg + 1) * n]);
+                            read_out_token(c, xt, wt, &mut u[tl * c..(tl + 1) * c]);
                             let (dpt, drt) = (
                                 &mut dpost[tl * n..(tl + 1) * n],
                                 &mut dres[tl * n * n..(tl + 1) * n * n],
@@ -246,12 +254,117 @@ pub(crate) fn read_out_backward<F: Float>(
     let (t, n, c) = x.dim();
     let mut dx = std::mem::take(&mut tape.dx);
     // `dx` holds the write-in's part and receives the read-out's in place.
-    let (dw, acc) = read_out_backward_slices(k, x, &mut tape, du, None, &mut dx)?;
+    let (dw, acc) =
+        read_out_backward_slices(k, x, &mut tape, du, None, PreFlow::default(), &mut dx)?;
     Ok(RawGrads {
         dx: Array3::from_shape_vec((t, n, c), dx).expect("T·n·C"),
         dw,
         acc,
     })
+}
+
+/// Where the read-out's weights come from and where the gradients of `H_pre` go (SPEC §8).
+///
+/// The default is the block's own schedule: the read-out weighs the streams by the block's own
+/// `H_pre`, and its gradient is the read-out's. Under the shifted schedule the read-out uses
+/// the previous block's weights `ro` (`[T, n]`), whose gradient goes to `ro_grad`, and the
+/// block's own `H_pre` receives only `pre_grad`, from the next block.
+#[derive(Default)]
+pub(crate) struct PreFlow<'a, F> {
+    /// Read-out weights other than the block's own `H_pre`: `[T, n]`.
+    pub ro: Option<&'a [F]>,
+    /// Added to the gradient of the block's own `H_pre`: `[T, n]`.
+    pub pre_grad: Option<&'a [F]>,
+    /// Receives the gradient of the read-out weights `ro`: `[T, n]`.
+    pub ro_grad: Option<&'a mut [F]>,
+}
+
+/// How a block's read-out is linked to its neighbours in a chain (SPEC §8), for
+/// [`MhcBlock::read_out_backward_linked_into`](crate::MhcBlock::read_out_backward_linked_into):
+/// which weights the read-out used, and where the gradients of `H_pre` come from and go.
+///
+/// `ChainLink::default()` (all `None`) is a block on its own: its read-out uses its own
+/// `H_pre`, whose gradient is the read-out's.
+///
+/// # Shapes
+///
+/// - every field: `[T, n]`
+#[derive(Debug, Default)]
+pub struct ChainLink<'a, F> {
+    /// The weights the read-out used, when they are not the block's own `H_pre`: under
+    /// [`Schedule::Shifted`](crate::Schedule::Shifted), the previous block's `H_pre`
+    /// ([`initial_pre`](crate::initial_pre) for the first block).
+    pub prev_pre: Option<ArrayView2<'a, F>>,
+    /// A gradient of the block's own `H_pre` from further down the chain: under the shifted
+    /// schedule the next block's `dprev_pre`, and the caller's `∂pre_{L-1}` for the last block.
+    pub dpre: Option<ArrayView2<'a, F>>,
+    /// Receives the gradient of `prev_pre` (overwritten), when `prev_pre` is given.
+    pub dprev_pre: Option<ArrayViewMut2<'a, F>>,
+}
+
+/// [`read_out_backward_into`] with the read-out linked as `link` says.
+pub(crate) fn read_out_backward_linked_into<F: Float>(
+    k: &impl MappingKernel<F>,
+    x: ArrayView3<F>,
+    tape: &mut Tape<F>,
+    du: ArrayView2<F>,
+    link: ChainLink<'_, F>,
+    dx: ArrayViewMut3<F>,
+) -> Result<(Vec<F>, Vec<F>)> {
+    let (n, c) = k.dims();
+    check_x(x.shape(), n, c)?;
+    let tn = [x.shape()[0], n];
+    let ChainLink {
+        prev_pre,
+        dpre,
+        dprev_pre,
+    } = link;
+    if let Some(p) = &prev_pre {
+        check_same("read-out weights", &tn, p.shape())?;
+    }
+    if let Some(p) = &dpre {
+        check_same("dpre", &tn, p.shape())?;
+        if let Some(bad) = p
+            .rows()
+            .into_iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(crate::Error::NonFinite {
+                what: "dpre",
+                index: bad,
+            });
+        }
+    }
+    if let Some(p) = &dprev_pre {
+        check_same("dprev_pre", &tn, p.shape())?;
+    }
+    let ro = prev_pre.as_ref().map(|r| r.as_standard_layout());
+    let pg = dpre.as_ref().map(|r| r.as_standard_layout());
+    let ro = ro.as_ref().map(|r| r.as_slice().expect("standard layout"));
+    let pre_grad = pg.as_ref().map(|r| r.as_slice().expect("standard layout"));
+    match dprev_pre {
+        Some(g) if ro.is_some() => {
+            let mut out = None;
+            with_slice_mut(g, |g| {
+                let flow = PreFlow {
+                    ro,
+                    pre_grad,
+                    ro_grad: Some(g),
+                };
+                out = Some(read_out_backward_into(k, x, tape, du, flow, dx)?);
+                Ok(())
+            })?;
+            Ok(out.expect("set on success"))
+        }
+        _ => {
+            let flow = PreFlow {
+                ro,
+                pre_grad,
+                ro_grad: None,
+            };
+            read_out_backward_into(k, x, tape, du, flow, dx)
+        }
+    }
 }
 
 /// [`read_out_backward`] writing `∂x` into `dx` and reusing the tape's buffers; the tape keeps
@@ -261,13 +374,14 @@ pub(crate) fn read_out_backward_into<F: Float>(
     x: ArrayView3<F>,
     tape: &mut Tape<F>,
     du: ArrayView2<F>,
+    flow: PreFlow<'_, F>,
     dx: ArrayViewMut3<F>,
 ) -> Result<(Vec<F>, Vec<F>)> {
     check_same("dx", x.shape(), dx.shape())?;
     let mut grads = None;
     with_slice_mut(dx, |dx| {
         let src = std::mem::take(&mut tape.dx);
-        let r = read_out_backward_slices(k, x, tape, du, Some(&src), dx);
+        let r = read_out_backward_slices(k, x, tape, du, Some(&src), flow, dx);
         tape.dx = src;
         grads = Some(r?);
         Ok(())
@@ -284,6 +398,7 @@ fn read_out_backward_slices<F: Float>(
     tape: &mut Tape<F>,
     du: ArrayView2<F>,
     src: Option<&[F]>,
+    flow: PreFlow<'_, F>,
     dx: &mut [F],
 ) -> Result<(Vec<F>, Vec<F>)> {
     let (n, c) = k.dims();
@@ -319,11 +434,21 @@ fn read_out_backward_slices<F: Float>(
         "gradient partials",
         checked_size("gradient partials", &[ntasks.max(1), part_len])?,
     )?;
+    let PreFlow {
+        ro,
+        pre_grad,
+        ro_grad,
+    } = flow;
+    let ro_grads: Vec<Option<&mut [F]>> = match ro_grad {
+        Some(g) => g.chunks_mut(tt * n).map(Some).collect(),
+        None => (0..ntasks).map(|_| None).collect(),
+    };
     let tasks: Vec<_> = dx
         .chunks_mut(tt * n * c)
         .zip(parts.chunks_mut(part_len))
+        .zip(ro_grads)
         .collect();
-    par::try_for_each(tasks, |i, (dx, part)| {
+    par::try_for_each(tasks, |i, ((dx, part), mut ro_grad)| {
         par::vectorized(
             #[inline(always)]
             || {
@@ -353,10 +478,9 @@ fn read_out_backward_slices<F: Float>(
                                 "sublayer vjp output",
                             ));
                         }
-                        let (xt, pt) = (
-                            &xs[tl * n * c..(tl + 1) * n * c],
-                            &pre[tg * n..(tg + 1) * n],
-                        );
+                        let xt = &xs[tl * n * c..(tl + 1) * n * c];
+                        let pt =
+                            ro.map_or(&pre[tg * n..(tg + 1) * n], |r| &r[tg * n..(tg + 1) * n]);
                         read_out_backward_token(
                             c,
                             xt,
@@ -366,6 +490,19 @@ fn read_out_backward_slices<F: Float>(
                             &mut dxs[tl * n * c..(tl + 1) * n * c],
                         );
                     }
+                    let dpre = &mut dpre[..(b - a) * n];
+                    if ro.is_some() {
+                        // The read-out's weights are not this block's H_pre.
+                        if let Some(g) = ro_grad.as_deref_mut() {
+                            g[a * n..b * n].copy_from_slice(dpre);
+                        }
+                        dpre.fill(F::zero());
+                    }
+                    if let Some(g) = pre_grad {
+                        for (d, &v) in dpre.iter_mut().zip(&g[ga * n..gb * n]) {
+                            *d += v;
+                        }
+                    }
                     let (ra, rb) = (ga * rpt, gb * rpt);
                     let rows = rb - ra;
                     let ar = &args[ra * m..rb * m];
@@ -374,7 +511,7 @@ fn read_out_backward_slices<F: Float>(
                         ar,
                         &pre[ga * n..gb * n],
                         &post[ga * n..gb * n],
-                        &dpre[..(b - a) * n],
+                        dpre,
                         &dpost[ga * n..gb * n],
                         &dres[ga * n * n..gb * n * n],
                         da,
@@ -485,7 +622,7 @@ pub(crate) fn forward_train_into<F: Float>(
     check_same("out", x.shape(), out.shape())?;
     let t = x.shape()[0];
     reuse2(&mut tape.u, "u", t, c)?;
-    crate::mappings::read_out_into(k, x, &mut tape.maps, tape.u.view_mut())?;
+    crate::mappings::read_out_into(k, x, &mut tape.maps, tape.u.view_mut(), None)?;
     let y = sublayer(tape.u.view());
     check_same("sublayer output", &[t, c], y.shape())?;
     crate::mixing::write_in_into(x, &tape.maps, y.view(), out)?;
@@ -503,7 +640,7 @@ pub(crate) fn backward_into<F: Float>(
     dx: ArrayViewMut3<F>,
 ) -> Result<(Vec<F>, Vec<F>)> {
     check_same("dx", x.shape(), dx.shape())?;
-    write_in_backward_into(k, x, y, upstream, tape)?;
+    write_in_backward_into(k, x, y, upstream, None, tape)?;
     let du = sublayer_vjp(tape.u.view(), tape.dy.view());
-    read_out_backward_into(k, x, tape, du.view(), dx)
+    read_out_backward_into(k, x, tape, du.view(), PreFlow::default(), dx)
 }

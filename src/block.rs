@@ -417,7 +417,7 @@ impl<F: Float> MhcBlock<F> {
         maps: &mut Mappings<F>,
         u: ArrayViewMut2<F>,
     ) -> Result<()> {
-        mappings::read_out_into(&self.kernel(), x, maps, u)
+        mappings::read_out_into(&self.kernel(), x, maps, u, None)
     }
 
     /// The write-in half: `out_t[i] = Σ_j H_res[t][i][j] x_t[j] + H_post[t][i] y_t` (the same
@@ -713,7 +713,7 @@ impl<F: Float> MhcBlock<F> {
         upstream: ArrayView3<F>,
         tape: &mut Tape<F>,
     ) -> Result<()> {
-        backward::write_in_backward_into(&self.kernel(), x, y, upstream, tape)
+        backward::write_in_backward_into(&self.kernel(), x, y, upstream, None, tape)
     }
 
     /// [`read_out_backward`](Self::read_out_backward) writing `∂x` into `dx`; the tape is kept
@@ -737,7 +737,228 @@ impl<F: Float> MhcBlock<F> {
         du: ArrayView2<F>,
         dx: ArrayViewMut3<F>,
     ) -> Result<MhcParams<F>> {
-        let (dw, acc) = backward::read_out_backward_into(&self.kernel(), x, tape, du, dx)?;
+        let (dw, acc) =
+            backward::read_out_backward_into(&self.kernel(), x, tape, du, Default::default(), dx)?;
+        Ok(self.grads(dw, acc))
+    }
+
+    /// The read-out of a block inside a chain (SPEC §8): this block's mappings from `x`, and the
+    /// sublayer input `u` read out with `prev_pre` when given (the shifted schedule: the previous
+    /// block's `H_pre`, or [`initial_pre`](crate::initial_pre) for the first block), with this
+    /// block's own `H_pre` otherwise (then it is [`read_out_into`](Self::read_out_into)).
+    ///
+    /// With this, [`write_in_seam_into`](Self::write_in_seam_into) and the two `*_linked_into`
+    /// backward halves, a model that runs its own layer loop (another framework, pipeline
+    /// stages) gets what [`MhcStack`](crate::MhcStack) does.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `prev_pre`: `[T, n]`; `u`: `[T, C]`
+    ///
+    /// # Errors
+    ///
+    /// As [`read_out_into`](Self::read_out_into), plus [`Error::ShapeMismatch`]
+    /// (`"read-out weights"`) for `prev_pre`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{Array2, Array3};
+    /// let block = mhc::MhcBlock::<f32>::from_params(mhc::MhcConfig::new(2, 4), mhc::MhcParams::zeros(2, 4))?;
+    /// let x = Array3::from_shape_fn((3, 2, 4), |(_, i, _)| i as f32);
+    /// let (mut maps, mut u) = (mhc::Mappings::zeros(3, 2), Array2::zeros((3, 4)));
+    /// // The first block of a shifted chain reads out stream 0 alone.
+    /// block.read_out_linked_into(x.view(), Some(mhc::initial_pre(3, 2).view()), &mut maps, u.view_mut())?;
+    /// assert!(u.iter().all(|&v| v == 0.0));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn read_out_linked_into(
+        &self,
+        x: ArrayView3<F>,
+        prev_pre: Option<ArrayView2<F>>,
+        maps: &mut Mappings<F>,
+        u: ArrayViewMut2<F>,
+    ) -> Result<()> {
+        mappings::read_out_into(&self.kernel(), x, maps, u, prev_pre)
+    }
+
+    /// The seam between this block and the `next` in a chain: this block's write-in
+    /// `x' = H_res·x + H_post·y` fused with `next`'s read-out of `x'` (its mappings and `u'`,
+    /// read out with this block's `H_pre` under [`Schedule::Shifted`], with `next`'s own under
+    /// [`Schedule::Current`]), in one pass over the streams. Bitwise equal to
+    /// [`write_in`](Self::write_in) followed by [`read_out_linked_into`](Self::read_out_linked_into).
+    ///
+    /// `stage` is overwritten (its buffers are reused when they have the right shapes).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `maps`: this block's, for `T` tokens; `y`: `[T, C]`
+    /// - `stage.x`: `[T, n, C]`, `stage.maps`: `next`'s, `stage.u`: `[T, C]` (written)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] for `x`, `maps` (`"pre"`, `"post"`, `"res"`), `y`, or a `next`
+    /// with other `n` or `C` (`"next block"`); [`Error::NonFinite`] as
+    /// [`write_in`](Self::write_in) (first the write-in's, naming `"sublayer output"` for a
+    /// non-finite `y`) and as [`read_out`](Self::read_out) for `next`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::{MhcBlock, MhcConfig, MhcParams, Schedule, Stage};
+    /// use ndarray::Array3;
+    /// let (a, b) = (
+    ///     MhcBlock::<f64>::from_params(MhcConfig::new(2, 4), MhcParams::zeros(2, 4))?,
+    ///     MhcBlock::<f64>::from_params(MhcConfig::new(2, 4), MhcParams::zeros(2, 4))?,
+    /// );
+    /// let x = Array3::from_elem((3, 2, 4), 0.5);
+    /// let (u, maps) = a.read_out(x.view())?;
+    /// let y = u.mapv(f64::tanh);
+    /// let mut stage = Stage::default();
+    /// a.write_in_seam_into(x.view(), &maps, y.view(), &b, Schedule::Current, &mut stage)?;
+    /// assert_eq!(stage.x, a.write_in(x.view(), &maps, y.view())?);
+    /// assert_eq!(stage.u, b.read_out(stage.x.view())?.0);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn write_in_seam_into(
+        &self,
+        x: ArrayView3<F>,
+        maps: &Mappings<F>,
+        y: ArrayView2<F>,
+        next: &MhcBlock<F>,
+        schedule: crate::Schedule,
+        stage: &mut crate::Stage<F>,
+    ) -> Result<()> {
+        let (n, c) = (self.config.streams, self.config.dim);
+        check_x(x.shape(), n, c)?;
+        check_same(
+            "next block",
+            &[n, c],
+            &[next.config.streams, next.config.dim],
+        )?;
+        let t = x.shape()[0];
+        check_same("y", &[t, c], y.shape())?;
+        check_same("pre", &[t, n], maps.pre.shape())?;
+        check_same("post", &[t, n], maps.post.shape())?;
+        check_same("res", &[t, n, n], maps.res.shape())?;
+        stage.ensure(t, n, c)?;
+        let x = x.as_standard_layout();
+        let y = y.as_standard_layout();
+        let (pre, post, res) = (
+            maps.pre.as_standard_layout(),
+            maps.post.as_standard_layout(),
+            maps.res.as_standard_layout(),
+        );
+        let w = crate::seam::WriteIn {
+            x: x.as_slice().expect("standard layout"),
+            post: post.as_slice().expect("standard layout"),
+            res: res.as_slice().expect("standard layout"),
+            y: y.as_slice().expect("standard layout"),
+            ro: (schedule == crate::Schedule::Shifted)
+                .then(|| pre.as_slice().expect("standard layout")),
+        };
+        let (spre, spost, sres) = stage.maps.slices_mut();
+        let r = crate::seam::ReadOut {
+            x: stage.x.as_slice_mut().expect("standard layout"),
+            pre: spre,
+            post: spost,
+            res: sres,
+            u: stage.u.as_slice_mut().expect("standard layout"),
+        };
+        crate::seam::seam(&next.kernel(), w, r)
+    }
+
+    /// [`write_in_backward_into`](Self::write_in_backward_into) for a block inside a chain:
+    /// `u` is recomputed with `prev_pre` when given (the shifted schedule, as in
+    /// [`read_out_linked_into`](Self::read_out_linked_into)).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `upstream`: `[T, n, C]`; `y`: `[T, C]`; `prev_pre`: `[T, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`write_in_backward_into`](Self::write_in_backward_into), plus
+    /// [`Error::ShapeMismatch`] (`"read-out weights"`) for `prev_pre`.
+    ///
+    /// # Examples
+    ///
+    /// See [`read_out_backward_linked_into`](Self::read_out_backward_linked_into).
+    pub fn write_in_backward_linked_into(
+        &self,
+        x: ArrayView3<F>,
+        y: ArrayView2<F>,
+        upstream: ArrayView3<F>,
+        prev_pre: Option<ArrayView2<F>>,
+        tape: &mut Tape<F>,
+    ) -> Result<()> {
+        backward::write_in_backward_into(&self.kernel(), x, y, upstream, prev_pre, tape)
+    }
+
+    /// [`read_out_backward_into`](Self::read_out_backward_into) for a block inside a chain
+    /// (SPEC §8): the read-out's weights and the gradients of `H_pre` as `link` says.
+    ///
+    /// With `link.prev_pre` (shifted schedule), the read-out used those weights: their gradient
+    /// `∂prev_pre[t][j] = ⟨∂u_t, x_t[j]⟩` is written into `link.dprev_pre` (when given; it is the
+    /// previous block's `dpre`), and this block's own `H_pre` gets only `link.dpre`. Without it,
+    /// `link.dpre` is added to the read-out's gradient of the block's own `H_pre` (the caller's
+    /// `∂pre_{L-1}` for the last block of a current-schedule chain).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`, `dx`: `[T, n, C]`; `du`: `[T, C]`; `link`'s arrays: `[T, n]`
+    ///
+    /// # Errors
+    ///
+    /// As [`read_out_backward_into`](Self::read_out_backward_into), plus
+    /// [`Error::ShapeMismatch`] for `link`'s arrays (`"read-out weights"`, `"dpre"`,
+    /// `"dprev_pre"`); [`Error::NonFinite`] (`"dpre"`) for a non-finite `link.dpre`.
+    ///
+    /// # Examples
+    ///
+    /// Two blocks under the shifted schedule, by hand (what [`MhcStack`](crate::MhcStack) does):
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use mhc::{ChainLink, MhcBlock, MhcConfig, Tape, initial_pre};
+    /// use ndarray::{Array2, Array3};
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let b0 = MhcBlock::<f64>::new(MhcConfig::new(2, 3), &mut rng)?;
+    /// let b1 = MhcBlock::<f64>::new(MhcConfig::new(2, 3), &mut rng)?;
+    /// let (t, e0) = (4, initial_pre::<f64>(4, 2));
+    /// let x0 = Array3::from_shape_fn((t, 2, 3), |(a, b, c)| (a + b * c) as f64 * 0.1);
+    /// // Forward: block 0 reads out with e_0, block 1 with block 0's H_pre.
+    /// let (mut m0, mut u0) = (mhc::Mappings::zeros(t, 2), Array2::zeros((t, 3)));
+    /// b0.read_out_linked_into(x0.view(), Some(e0.view()), &mut m0, u0.view_mut())?;
+    /// let y0 = u0.clone(); // identity sublayers
+    /// let x1 = b0.write_in(x0.view(), &m0, y0.view())?;
+    /// let (mut m1, mut u1) = (mhc::Mappings::zeros(t, 2), Array2::zeros((t, 3)));
+    /// b1.read_out_linked_into(x1.view(), Some(m0.pre.view()), &mut m1, u1.view_mut())?;
+    /// let y1 = u1.clone();
+    /// // Backward of ⟨1, x_2⟩, block 1 first: it hands block 0 the gradient of block 0's H_pre.
+    /// let (mut tape, mut dx1, mut dpre0) = (Tape::default(), Array3::zeros((t, 2, 3)), Array2::zeros((t, 2)));
+    /// b1.write_in_backward_linked_into(x1.view(), y1.view(), Array3::ones((t, 2, 3)).view(), Some(m0.pre.view()), &mut tape)?;
+    /// let du1 = tape.dy.clone();
+    /// let link = ChainLink { prev_pre: Some(m0.pre.view()), dpre: None, dprev_pre: Some(dpre0.view_mut()) };
+    /// let _g1 = b1.read_out_backward_linked_into(x1.view(), &mut tape, du1.view(), link, dx1.view_mut())?;
+    /// let mut dx0 = Array3::zeros((t, 2, 3));
+    /// b0.write_in_backward_linked_into(x0.view(), y0.view(), dx1.view(), Some(e0.view()), &mut tape)?;
+    /// let du0 = tape.dy.clone();
+    /// let link = ChainLink { prev_pre: Some(e0.view()), dpre: Some(dpre0.view()), dprev_pre: None };
+    /// let g0 = b0.read_out_backward_linked_into(x0.view(), &mut tape, du0.view(), link, dx0.view_mut())?;
+    /// assert_eq!(g0.phi.shape(), &[6, 8]);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn read_out_backward_linked_into(
+        &self,
+        x: ArrayView3<F>,
+        tape: &mut Tape<F>,
+        du: ArrayView2<F>,
+        link: crate::ChainLink<'_, F>,
+        dx: ArrayViewMut3<F>,
+    ) -> Result<MhcParams<F>> {
+        let (dw, acc) =
+            backward::read_out_backward_linked_into(&self.kernel(), x, tape, du, link, dx)?;
         Ok(self.grads(dw, acc))
     }
 
@@ -746,7 +967,7 @@ impl<F: Float> MhcBlock<F> {
     }
 
     /// The parameters' gradients from the projection weight's gradient and the accumulator.
-    fn grads(&self, dw: Vec<F>, acc: Vec<F>) -> MhcParams<F> {
+    pub(crate) fn grads(&self, dw: Vec<F>, acc: Vec<F>) -> MhcParams<F> {
         let (n, c, m) = (
             self.config.streams,
             self.config.dim,

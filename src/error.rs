@@ -97,6 +97,24 @@ pub enum Error {
         /// The element type in the file.
         dtype: String,
     },
+    /// A block of a chain has another number of streams or channels than the first block
+    /// ([`MhcStack::new`](crate::MhcStack::new)).
+    BlockMismatch {
+        /// The block's position in the chain.
+        index: usize,
+        /// `[n, C]` of the first block.
+        expected: [usize; 2],
+        /// `[n, C]` of this block.
+        got: [usize; 2],
+    },
+    /// An error in one block of a chain ([`MhcStack`](crate::MhcStack)): which block, and what
+    /// went wrong there.
+    InBlock {
+        /// The block's position in the chain (0 first).
+        index: usize,
+        /// The block's error.
+        source: Box<Error>,
+    },
     /// A buffer could not be allocated.
     AllocationFailed {
         /// What was being allocated.
@@ -162,11 +180,40 @@ impl fmt::Display for Error {
             Error::AllocationFailed { what, bytes } => {
                 write!(f, "could not allocate {bytes} bytes for `{what}`")
             }
+            Error::BlockMismatch {
+                index,
+                expected,
+                got,
+            } => write!(
+                f,
+                "block {index} has (streams, dim) = {got:?}, expected {expected:?} like block 0"
+            ),
+            Error::InBlock { index, source } => write!(f, "block {index}: {source}"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::InBlock { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// Wraps the error of block `index` of a chain (an error already wrapped stays as it is).
+    pub(crate) fn in_block(index: usize) -> impl FnOnce(Error) -> Error {
+        move |e| match e {
+            e @ Error::InBlock { .. } => e,
+            e => Error::InBlock {
+                index,
+                source: Box::new(e),
+            },
+        }
+    }
+}
 
 /// `Result<T, mhc::Error>`.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -336,7 +336,7 @@ impl<F: Float> HcBlock<F> {
         maps: &mut Mappings<F>,
         u: ArrayViewMut2<F>,
     ) -> Result<()> {
-        mappings::read_out_into(&self.kernel(), x, maps, u)
+        mappings::read_out_into(&self.kernel(), x, maps, u, None)
     }
 
     /// The write-in half (the same kernel as mHC's, [`mixing::write_in`]).
@@ -612,7 +612,7 @@ impl<F: Float> HcBlock<F> {
         upstream: ArrayView3<F>,
         tape: &mut Tape<F>,
     ) -> Result<()> {
-        backward::write_in_backward_into(&self.kernel(), x, y, upstream, tape)
+        backward::write_in_backward_into(&self.kernel(), x, y, upstream, None, tape)
     }
 
     /// [`read_out_backward`](Self::read_out_backward) writing `∂x` into `dx`; the tape is kept
@@ -636,7 +636,8 @@ impl<F: Float> HcBlock<F> {
         du: ArrayView2<F>,
         dx: ArrayViewMut3<F>,
     ) -> Result<HcParams<F>> {
-        let (dw, acc) = backward::read_out_backward_into(&self.kernel(), x, tape, du, dx)?;
+        let (dw, acc) =
+            backward::read_out_backward_into(&self.kernel(), x, tape, du, Default::default(), dx)?;
         Ok(self.grads(dw, acc))
     }
 

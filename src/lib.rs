@@ -14,6 +14,9 @@
 //!   sublayer input) and a write-in, so that any sublayer from any framework plugs in between.
 //! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention; HC
 //!   shares the [`mixing`] kernels with mHC.
+//! - [`MhcStack`]: chains of blocks under the paper's [`Schedule::Current`] and DeepSeek-V4.1's
+//!   single-pass [`Schedule::Shifted`] (SPEC §8), with a fused seam kernel between blocks
+//!   ([`MhcBlock::write_in_seam_into`]) and the cross-block gradient of `H_pre`.
 //! - [`gain`]: the paper's Amax gain diagnostics, per layer and composite.
 //! - [`streams::expand`] / [`streams::collapse`]: entering and leaving the `n` streams;
 //!   [`streams::LearnedCollapse`] for DeepSeek-V4's learned head.
@@ -58,10 +61,12 @@ mod mlp;
 mod par;
 mod reduce;
 mod residual;
+mod seam;
 pub mod sinkhorn;
+mod stack;
 pub mod streams;
 
-pub use backward::Tape;
+pub use backward::{ChainLink, Tape};
 pub use block::{BiasInit, MhcBlock, MhcConfig, MhcParams};
 pub use error::{Error, Result};
 pub use float::Float;
@@ -70,6 +75,7 @@ pub use mappings::Mappings;
 pub use mlp::{Mlp, MlpGrads};
 pub use residual::ResidualBlock;
 pub use sinkhorn::SinkhornKnopp;
+pub use stack::{MhcStack, Schedule, StackTape, Stage, initial_pre};
 pub use streams::{Collapse, collapse, expand};
 
 /// The `rand` crate this crate is built against, re-exported so that callers pass an RNG of the

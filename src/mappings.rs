@@ -567,7 +567,9 @@ pub(crate) fn project<F: Float>(
 }
 
 /// The mappings (and, with `u`, the read-out) of a task's tokens, [`SUB_TOKENS`] at a time so
-/// that each token is read from DRAM once.
+/// that each token is read from DRAM once. The read-out weighs the streams by `ro` (`[tc, n]`)
+/// when given (SPEC §8's shifted schedule), by the block's own `H_pre` otherwise.
+#[allow(clippy::too_many_arguments)]
 fn run_task<F: Float>(
     k: &impl MappingKernel<F>,
     t0: usize,
@@ -576,40 +578,71 @@ fn run_task<F: Float>(
     post: &mut [F],
     res: &mut [F],
     mut u: Option<&mut [F]>,
+    ro: Option<&[F]>,
 ) -> Result<()> {
     let (n, c) = k.dims();
     let nc = n * c;
     let mut s = Scratch::new(k)?;
-    let rows = k.rows_per_token() * k.width();
     crate::par::vectorized(
         #[inline(always)]
         || {
             for (i, xs) in x.chunks(SUB_TOKENS * nc).enumerate() {
-                let tc = xs.len() / nc;
-                let (a, b) = (i * SUB_TOKENS, i * SUB_TOKENS + tc);
-                project(k, t0 + a, xs, &mut s.args, &mut s.inv_r)?;
-                k.maps(
-                    t0 + a,
-                    &s.args[..tc * rows],
-                    &mut pre[a * n..b * n],
-                    &mut post[a * n..b * n],
-                    &mut res[a * n * n..b * n * n],
-                    &mut s.ws,
-                )?;
+                let a = i * SUB_TOKENS;
+                let (pre, post, res) = sub_maps(n, a, xs.len() / nc, pre, post, res);
+                project_maps(k, t0 + a, xs, pre, post, res, &mut s)?;
                 if let Some(u) = u.as_deref_mut() {
-                    for t in a..b {
-                        read_out_token(
-                            c,
-                            &x[t * nc..(t + 1) * nc],
-                            &pre[t * n..(t + 1) * n],
-                            &mut u[t * c..(t + 1) * c],
-                        );
-                    }
+                    let w = ro.map_or(&*pre, |r| &r[a * n..a * n + pre.len()]);
+                    read_out_tokens(n, c, xs, w, &mut u[a * c..a * c + xs.len() / n]);
                 }
             }
             Ok(())
         },
     )
+}
+
+/// The mappings of the `tc` tokens from token `a` of a task's buffers.
+#[inline(always)]
+pub(crate) fn sub_maps<'a, F>(
+    n: usize,
+    a: usize,
+    tc: usize,
+    pre: &'a mut [F],
+    post: &'a mut [F],
+    res: &'a mut [F],
+) -> (&'a mut [F], &'a mut [F], &'a mut [F]) {
+    let b = a + tc;
+    (
+        &mut pre[a * n..b * n],
+        &mut post[a * n..b * n],
+        &mut res[a * n * n..b * n * n],
+    )
+}
+
+/// Projection, RMS and mappings of the tokens in `xs` (at most [`SUB_TOKENS`], token `t0`
+/// first), written into `pre`, `post`, `res`.
+#[inline(always)]
+pub(crate) fn project_maps<F: Float>(
+    k: &impl MappingKernel<F>,
+    t0: usize,
+    xs: &[F],
+    pre: &mut [F],
+    post: &mut [F],
+    res: &mut [F],
+    s: &mut Scratch<F>,
+) -> Result<()> {
+    let (n, c) = k.dims();
+    let tc = xs.len() / (n * c);
+    let rows = k.rows_per_token() * k.width();
+    project(k, t0, xs, &mut s.args, &mut s.inv_r)?;
+    k.maps(t0, &s.args[..tc * rows], pre, post, res, &mut s.ws)
+}
+
+/// `u_t = Σ_j w[t][j] x_t[j]` for the tokens of `xs` (`w`: `[tc, n]`, `u`: `[tc, C]`).
+#[inline(always)]
+pub(crate) fn read_out_tokens<F: Float>(n: usize, c: usize, xs: &[F], w: &[F], u: &mut [F]) {
+    for ((xt, wt), ut) in xs.chunks(n * c).zip(w.chunks(n)).zip(u.chunks_mut(c)) {
+        read_out_token(c, xt, wt, ut);
+    }
 }
 
 /// Splits the tokens and their outputs into fixed tasks of
@@ -619,6 +652,7 @@ fn run_tasks<F: Float>(
     x: &[F],
     maps: &mut Mappings<F>,
     u: Option<&mut [F]>,
+    ro: Option<&[F]>,
 ) -> Result<()> {
     let (n, c) = k.dims();
     let tt = crate::par::TASK_TOKENS;
@@ -635,7 +669,8 @@ fn run_tasks<F: Float>(
         .zip(us)
         .collect();
     crate::par::try_for_each(tasks, |i, ((((x, pre), post), res), u)| {
-        run_task(k, i * tt, x, pre, post, res, u)
+        let ro = ro.map(|r| &r[i * tt * n..(i * tt * n + pre.len())]);
+        run_task(k, i * tt, x, pre, post, res, u, ro)
     })
 }
 
@@ -648,25 +683,38 @@ pub(crate) fn mappings<F: Float>(
     check_x(x.shape(), n, c)?;
     let mut maps = Mappings::try_zeros(x.shape()[0], n)?;
     let x = x.as_standard_layout();
-    run_tasks(k, x.as_slice().expect("standard layout"), &mut maps, None)?;
+    run_tasks(
+        k,
+        x.as_slice().expect("standard layout"),
+        &mut maps,
+        None,
+        None,
+    )?;
     Ok(maps)
 }
 
-/// The fused mappings and read-out of `x: [T, n, C]` into `maps` and `u: [T, C]`.
+/// The fused mappings and read-out of `x: [T, n, C]` into `maps` and `u: [T, C]`; the read-out
+/// weighs the streams by `ro` (`[T, n]`) when given, by the block's own `H_pre` otherwise.
 pub(crate) fn read_out_into<F: Float>(
     k: &impl MappingKernel<F>,
     x: ArrayView3<F>,
     maps: &mut Mappings<F>,
     u: ArrayViewMut2<F>,
+    ro: Option<ArrayView2<F>>,
 ) -> Result<()> {
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
     check_same("u", &[t, c], u.shape())?;
+    if let Some(r) = &ro {
+        check_same("read-out weights", &[t, n], r.shape())?;
+    }
     maps.ensure(t, n)?;
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
-    with_slice_mut(u, |u| run_tasks(k, x, maps, Some(u)))
+    let ro = ro.as_ref().map(|r| r.as_standard_layout());
+    let ro = ro.as_ref().map(|r| r.as_slice().expect("standard layout"));
+    with_slice_mut(u, |u| run_tasks(k, x, maps, Some(u), ro))
 }
 
 /// [`read_out_into`] with fresh buffers.
@@ -680,7 +728,7 @@ pub(crate) fn read_out<F: Float>(
     let mut maps = Mappings::try_zeros(t, n)?;
 
     let mut u = Array2::zeros((t, c));
-    read_out_into(k, x, &mut maps, u.view_mut())?;
+    read_out_into(k, x, &mut maps, u.view_mut(), None)?;
     Ok((u, maps))
 }
 

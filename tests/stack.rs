@@ -1,0 +1,512 @@
+//! Chains of blocks (SPEC §8): both schedules against autograd (the reference vectors), finite
+//! differences through the cross-block edge, bitwise equalities, determinism, bad input.
+
+mod common;
+
+use common::*;
+use mhc::rand::{RngExt, SeedableRng, rngs::StdRng};
+use mhc::{Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule, SinkhornKnopp};
+use ndarray::{Array2, Array3, ArrayView2};
+use std::cell::RefCell;
+
+/// A reference stack case: the stack, its sublayer weights, and the case.
+fn stack_case<F: Float>(c: &serde_json::Value) -> (MhcStack<F>, Vec<Array2<F>>) {
+    let n = c["n"].as_u64().unwrap() as usize;
+    let dim = c["c"].as_u64().unwrap() as usize;
+    let mut cfg = MhcConfig::new(n, dim);
+    cfg.rms_eps = c["rms_eps"].as_f64().unwrap();
+    cfg.pre_eps = c["pre_eps"].as_f64().unwrap();
+    cfg.sinkhorn = SinkhornKnopp {
+        iters: c["iters"].as_u64().unwrap() as usize,
+        eps: c["eps"].as_f64().unwrap(),
+    };
+    let layers = c["layers"].as_array().unwrap();
+    let blocks = layers
+        .iter()
+        .map(|l| {
+            let p = MhcParams {
+                phi: a2(&l["phi"]),
+                alpha: alpha(&l["alpha"]),
+                bias: a1(&l["bias"]),
+            };
+            MhcBlock::from_params(cfg, p).unwrap()
+        })
+        .collect();
+    let schedule = match c["schedule"].as_str().unwrap() {
+        "current" => Schedule::Current,
+        "shifted" => Schedule::Shifted,
+        s => panic!("schedule {s}"),
+    };
+    let ws = layers.iter().map(|l| a2(&l["sublayer_w"])).collect();
+    (MhcStack::new(blocks, schedule).unwrap(), ws)
+}
+
+/// `F_l(u) = tanh(u·W_l)`'s VJP, recording `∂W_l`.
+fn tanh_vjps<'a, F: Float>(
+    ws: &'a [Array2<F>],
+    dws: &'a RefCell<Vec<Option<Array2<F>>>>,
+) -> impl FnMut(usize, ArrayView2<F>, ArrayView2<F>) -> Array2<F> + 'a {
+    move |l, u, dy| {
+        let y = tanh_layer(u, &ws[l]);
+        let dz = &dy * &y.mapv(|v| F::one() - v * v);
+        dws.borrow_mut()[l] = Some(u.t().dot(&dz));
+        dz.dot(&ws[l].t())
+    }
+}
+
+fn stack_reference<F: Float>(tol: f64, gtol: f64) {
+    for (k, c) in cases("mhc_stack").iter().enumerate() {
+        let (stack, ws) = stack_case::<F>(c);
+        let x = a3::<F>(&c["x"]);
+        let what = |s: &str| format!("case {k} ({}) {s}", c["schedule"]);
+        let (out, pre, tape) = stack
+            .forward_train(x.view(), |l, u| tanh_layer(u, &ws[l]))
+            .unwrap();
+        assert_close(&what("output"), &dyn_f64(&out), &arr(&c["output"]), tol);
+        assert_close(&what("pre_last"), &dyn_f64(&pre), &arr(&c["pre_last"]), tol);
+        let (fo, fp) = stack
+            .forward(x.view(), |l, u| tanh_layer(u, &ws[l]))
+            .unwrap();
+        assert_eq!((&fo, &fp), (&out, &pre), "forward == forward_train");
+        let (up, up_pre) = (a3::<F>(&c["upstream"]), a2::<F>(&c["upstream_pre"]));
+        let dws = RefCell::new(vec![None; ws.len()]);
+        let (dx, grads) = stack
+            .backward(&tape, up.view(), Some(up_pre.view()), tanh_vjps(&ws, &dws))
+            .unwrap();
+        assert_close(&what("grad_x"), &dyn_f64(&dx), &arr(&c["grad_x"]), gtol);
+        for (l, (g, layer)) in grads
+            .iter()
+            .zip(c["layers"].as_array().unwrap())
+            .enumerate()
+        {
+            let w = |s: &str| what(&format!("block {l} {s}"));
+            assert_close(
+                &w("grad_phi"),
+                &dyn_f64(&g.phi),
+                &arr(&layer["grad_phi"]),
+                gtol,
+            );
+            let ga = ndarray::Array1::from(g.alpha.to_vec());
+            assert_close(
+                &w("grad_alpha"),
+                &dyn_f64(&ga),
+                &arr(&layer["grad_alpha"]),
+                gtol,
+            );
+            assert_close(
+                &w("grad_bias"),
+                &dyn_f64(&g.bias),
+                &arr(&layer["grad_bias"]),
+                gtol,
+            );
+            let dw = dws.borrow()[l].clone().unwrap();
+            assert_close(
+                &w("grad_w"),
+                &dyn_f64(&dw),
+                &arr(&layer["grad_sublayer_w"]),
+                gtol,
+            );
+        }
+    }
+}
+
+#[test]
+fn stacks_match_autograd_f64() {
+    stack_reference::<f64>(1e-9, 1e-8);
+}
+
+#[test]
+fn stacks_match_autograd_f32() {
+    stack_reference::<f32>(1e-4, 1e-4);
+}
+
+fn random_stack(
+    nb: usize,
+    n: usize,
+    c: usize,
+    schedule: Schedule,
+    rng: &mut StdRng,
+) -> (MhcStack<f64>, Vec<Array2<f64>>) {
+    let mut cfg = MhcConfig::new(n, c);
+    cfg.phi_std = 0.3;
+    let blocks = (0..nb)
+        .map(|_| {
+            let mut b = MhcBlock::<f64>::new(cfg, rng).unwrap();
+            let mut p = b.params().clone();
+            p.alpha = [0.3, 0.4, 0.5];
+            p.bias.mapv_inplace(|_| rng.random::<f64>() - 0.5);
+            b.set_params(p).unwrap();
+            b
+        })
+        .collect();
+    let ws = (0..nb)
+        .map(|_| {
+            Array2::from_shape_simple_fn((c, c), || {
+                (rng.random::<f64>() * 2.0 - 1.0) / (c as f64).sqrt()
+            })
+        })
+        .collect();
+    (MhcStack::new(blocks, schedule).unwrap(), ws)
+}
+
+/// Central differences through 4 chained blocks, for every parameter of every block and the
+/// input: the loss `⟨U, x_L⟩ + ⟨V, pre_{L−1}⟩`.
+fn fd_stack(schedule: Schedule) {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (t, n, c, nb) = (3, 4, 5, 4);
+    let (stack, ws) = random_stack(nb, n, c, schedule, &mut rng);
+    let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+    let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+    let up_pre = Array2::from_shape_simple_fn((t, n), || rng.random::<f64>() * 2.0 - 1.0);
+    let loss = |s: &MhcStack<f64>, x: &Array3<f64>| {
+        let (o, p) = s.forward(x.view(), |l, u| tanh_layer(u, &ws[l])).unwrap();
+        (&o * &up).sum() + (&p * &up_pre).sum()
+    };
+    let (_, _, tape) = stack
+        .forward_train(x.view(), |l, u| tanh_layer(u, &ws[l]))
+        .unwrap();
+    let dws = RefCell::new(vec![None; nb]);
+    let (dx, grads) = stack
+        .backward(&tape, up.view(), Some(up_pre.view()), tanh_vjps(&ws, &dws))
+        .unwrap();
+    let h = 1e-5;
+    let check = |what: String, g: f64, fd: f64, scale: f64| {
+        assert!(
+            (g - fd).abs() <= 1e-6 * scale.max(1e-3),
+            "{what}: backward {g:e} vs fd {fd:e}"
+        );
+    };
+    let scale = dx.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for i in 0..x.len() {
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp.as_slice_mut().unwrap()[i] += h;
+        xm.as_slice_mut().unwrap()[i] -= h;
+        let fd = (loss(&stack, &xp) - loss(&stack, &xm)) / (2.0 * h);
+        check(format!("dx[{i}]"), dx.as_slice().unwrap()[i], fd, scale);
+    }
+    for (l, g) in grads.iter().enumerate() {
+        let perturb = |f: &dyn Fn(&mut MhcParams<f64>, f64)| {
+            let mut s = stack.clone();
+            let mut p = s.blocks()[l].params().clone();
+            f(&mut p, h);
+            s.blocks_mut()[l].set_params(p).unwrap();
+            let lp = loss(&s, &x);
+            let mut p = stack.blocks()[l].params().clone();
+            f(&mut p, -h);
+            s.blocks_mut()[l].set_params(p).unwrap();
+            (lp - loss(&s, &x)) / (2.0 * h)
+        };
+        let sc = g.phi.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for i in 0..g.phi.len() {
+            let fd = perturb(&|p, d| p.phi.as_slice_mut().unwrap()[i] += d);
+            check(
+                format!("block {l} phi[{i}]"),
+                g.phi.as_slice().unwrap()[i],
+                fd,
+                sc,
+            );
+        }
+        let sc = g.alpha.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for i in 0..3 {
+            let fd = perturb(&|p, d| p.alpha[i] += d);
+            check(format!("block {l} alpha[{i}]"), g.alpha[i], fd, sc);
+        }
+        let sc = g.bias.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for i in 0..g.bias.len() {
+            let fd = perturb(&|p, d| p.bias[i] += d);
+            check(format!("block {l} bias[{i}]"), g.bias[i], fd, sc);
+        }
+    }
+}
+
+#[test]
+fn shifted_stack_gradients_match_finite_differences() {
+    fd_stack(Schedule::Shifted);
+}
+
+#[test]
+fn current_stack_gradients_match_finite_differences() {
+    fd_stack(Schedule::Current);
+}
+
+/// A current-schedule stack computes what its blocks compute one after the other, to the bit,
+/// forward and backward; spanning several 256-token tasks and a partial one.
+#[test]
+fn current_stack_equals_its_blocks_bitwise() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (t, n, c, nb) = (600, 4, 24, 3);
+    let (stack, ws) = random_stack(nb, n, c, Schedule::Current, &mut rng);
+    let stack = MhcStack::new(
+        stack.blocks().iter().map(|b| b.clone()).collect(),
+        Schedule::Current,
+    )
+    .unwrap();
+    let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+    let (out, pre, tape) = stack
+        .forward_train(x.view(), |l, u| tanh_layer(u, &ws[l]))
+        .unwrap();
+    let mut h = x.clone();
+    let mut ys = vec![];
+    let mut xs = vec![];
+    for (l, b) in stack.blocks().iter().enumerate() {
+        let (o, y) = b
+            .forward_train(h.view(), |u| tanh_layer(u, &ws[l]))
+            .unwrap();
+        xs.push(h);
+        ys.push(y);
+        h = o;
+    }
+    assert_eq!(out, h);
+    assert_eq!(
+        pre,
+        stack.blocks()[nb - 1]
+            .mappings(xs[nb - 1].view())
+            .unwrap()
+            .pre
+    );
+    assert_eq!(tape.inputs(), &xs[..]);
+    assert_eq!(tape.outputs(), &ys[..]);
+    let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+    let vjp = |l: usize, u: ArrayView2<f64>, dy: ArrayView2<f64>| {
+        let y = tanh_layer(u, &ws[l]);
+        (&dy * &y.mapv(|v| 1.0 - v * v)).dot(&ws[l].t())
+    };
+    let (dx, grads) = stack.backward(&tape, up.view(), None, vjp).unwrap();
+    let mut g = up.clone();
+    let mut want = vec![];
+    for l in (0..nb).rev() {
+        let (d, p) = stack.blocks()[l]
+            .backward(xs[l].view(), ys[l].view(), g.view(), |u, dy| vjp(l, u, dy))
+            .unwrap();
+        want.push(p);
+        g = d;
+    }
+    want.reverse();
+    assert_eq!(dx, g);
+    assert_eq!(grads, want);
+}
+
+/// The shifted stack in f32 over several tasks: the same bits on 1 and 4 threads.
+#[test]
+fn stacks_are_bitwise_identical_on_any_number_of_threads() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (t, n, c) = (1000, 4, 32);
+    let blocks: Vec<_> = (0..3)
+        .map(|_| MhcBlock::<f32>::new(MhcConfig::new(n, c), &mut rng).unwrap())
+        .collect();
+    let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f32>() - 0.5);
+    for schedule in [Schedule::Current, Schedule::Shifted] {
+        let stack = MhcStack::new(blocks.clone(), schedule).unwrap();
+        let run = || {
+            let (o, p, tape) = stack
+                .forward_train(x.view(), |_, u| u.mapv(f32::tanh))
+                .unwrap();
+            let (dx, g) = stack
+                .backward(&tape, o.view(), Some(p.view()), |_, u, dy| {
+                    &dy * &u.mapv(|v| 1.0 - v.tanh().powi(2))
+                })
+                .unwrap();
+            (o, p, dx, g)
+        };
+        let pool = |k| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(k)
+                .build()
+                .unwrap()
+        };
+        let one = pool(1).install(run);
+        let four = pool(4).install(run);
+        assert!(
+            one == four,
+            "{schedule:?}: results differ between 1 and 4 threads"
+        );
+    }
+}
+
+#[test]
+fn stack_bad_inputs_give_typed_errors() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (t, n, c) = (4, 2, 3);
+    let b = |c| MhcBlock::<f64>::new(MhcConfig::new(n, c), &mut StdRng::seed_from_u64(0)).unwrap();
+    assert_eq!(
+        MhcStack::<f64>::new(vec![], Schedule::Shifted).unwrap_err(),
+        Error::Empty { what: "blocks" }
+    );
+    assert_eq!(
+        MhcStack::new(vec![b(c), b(c), b(c + 1)], Schedule::Shifted).unwrap_err(),
+        Error::BlockMismatch {
+            index: 2,
+            expected: [n, c],
+            got: [n, c + 1]
+        }
+    );
+    let stack = MhcStack::new(vec![b(c), b(c), b(c)], Schedule::Shifted).unwrap();
+    let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>());
+    let inb = |index, e| Error::InBlock {
+        index,
+        source: Box::new(e),
+    };
+    // x of the wrong shape.
+    assert_eq!(
+        stack
+            .forward(Array3::zeros((t, n, c + 1)).view(), |_, u| u.to_owned())
+            .unwrap_err(),
+        inb(
+            0,
+            Error::ShapeMismatch {
+                what: "x",
+                expected: vec![t, n, c],
+                got: vec![t, n, c + 1]
+            }
+        )
+    );
+    // A sublayer of the wrong shape, and one that returns NaN, in block 1.
+    let e = stack
+        .forward(x.view(), |l, u| {
+            if l == 1 {
+                Array2::zeros((t, c + 2))
+            } else {
+                u.to_owned()
+            }
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        inb(
+            1,
+            Error::ShapeMismatch {
+                what: "sublayer output",
+                expected: vec![t, c],
+                got: vec![t, c + 2]
+            }
+        )
+    );
+    let e = stack
+        .forward(x.view(), |l, u| {
+            let mut y = u.to_owned();
+            if l == 1 {
+                y[[2, 1]] = f64::NAN;
+            }
+            y
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        inb(
+            1,
+            Error::NonFinite {
+                what: "sublayer output",
+                index: 2
+            }
+        )
+    );
+    // The last block's sublayer returning infinity (checked by the last write-in).
+    let e = stack
+        .forward(x.view(), |l, u| {
+            let mut y = u.to_owned();
+            if l == 2 {
+                y[[3, 0]] = f64::INFINITY;
+            }
+            y
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        inb(
+            2,
+            Error::NonFinite {
+                what: "sublayer output",
+                index: 3
+            }
+        )
+    );
+    // Backward: wrong upstream shapes, a wrong VJP shape, a NaN VJP.
+    let (out, _, tape) = stack.forward_train(x.view(), |_, u| u.to_owned()).unwrap();
+    let id = |_: usize, _: ArrayView2<f64>, dy: ArrayView2<f64>| dy.to_owned();
+    assert_eq!(
+        stack
+            .backward(&tape, Array3::zeros((t, n, c + 1)).view(), None, id)
+            .unwrap_err(),
+        Error::ShapeMismatch {
+            what: "upstream",
+            expected: vec![t, n, c],
+            got: vec![t, n, c + 1]
+        }
+    );
+    assert_eq!(
+        stack
+            .backward(
+                &tape,
+                out.view(),
+                Some(Array2::zeros((t, n + 1)).view()),
+                id
+            )
+            .unwrap_err(),
+        Error::ShapeMismatch {
+            what: "upstream_pre",
+            expected: vec![t, n],
+            got: vec![t, n + 1]
+        }
+    );
+    let e = stack
+        .backward(&tape, out.view(), None, |l, _, dy| {
+            if l == 1 {
+                Array2::zeros((t + 1, c))
+            } else {
+                dy.to_owned()
+            }
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        inb(
+            1,
+            Error::ShapeMismatch {
+                what: "sublayer vjp output",
+                expected: vec![t, c],
+                got: vec![t + 1, c]
+            }
+        )
+    );
+    let e = stack
+        .backward(&tape, out.view(), None, |l, _, dy| {
+            let mut d = dy.to_owned();
+            if l == 0 {
+                d[[1, 2]] = f64::NAN;
+            }
+            d
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        inb(
+            0,
+            Error::NonFinite {
+                what: "sublayer vjp output",
+                index: 1
+            }
+        )
+    );
+    // A tape of another chain.
+    let short = MhcStack::new(vec![b(c)], Schedule::Shifted).unwrap();
+    assert!(matches!(
+        short.backward(&tape, out.view(), None, id).unwrap_err(),
+        Error::ShapeMismatch { what: "tape", .. }
+    ));
+    // Display names the block.
+    assert!(e.to_string().starts_with("block 0: "), "{e}");
+}
+
+#[test]
+fn empty_batch_stack() {
+    let b = MhcBlock::<f32>::from_params(MhcConfig::new(4, 8), MhcParams::zeros(4, 8)).unwrap();
+    let stack = MhcStack::new(vec![b.clone(), b], Schedule::Shifted).unwrap();
+    let x = Array3::<f32>::zeros((0, 4, 8));
+    let (out, pre, tape) = stack.forward_train(x.view(), |_, u| u.to_owned()).unwrap();
+    assert_eq!((out.shape(), pre.shape()), (&[0, 4, 8][..], &[0, 4][..]));
+    let (dx, g) = stack
+        .backward(&tape, out.view(), None, |_, _, dy| dy.to_owned())
+        .unwrap();
+    assert_eq!(dx.shape(), &[0, 4, 8]);
+    assert!(g.iter().all(|p| p.phi.iter().all(|&v| v == 0.0)));
+}
