@@ -193,8 +193,15 @@ impl<F: Float> MhcParams<F> {
         }
     }
 
-    /// The bias of `init` for `n` streams.
-    pub(crate) fn init_bias(init: BiasInit, n: usize) -> Array1<F> {
+    /// The initial bias `init` for `n` streams (`[n² + 2n]`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let b = mhc::MhcParams::<f32>::initial_bias(mhc::BiasInit::Zero, 4);
+    /// assert!(b.len() == 24 && b.iter().all(|&v| v == 0.0));
+    /// ```
+    pub fn initial_bias(init: BiasInit, n: usize) -> Array1<F> {
         let mut b = Array1::zeros(n * n + 2 * n);
         if init == BiasInit::IdentityLike {
             // sigmoid(b) = 1/n  ⇔  b = ln(1/(n−1)); n = 1 takes H_pre ≈ 0.99.
@@ -260,7 +267,7 @@ impl<F: Float> MhcBlock<F> {
         let params = MhcParams {
             phi: Array2::from_shape_vec((n * c, m), data).expect("n·C × m"),
             alpha: [F::from_f64(config.alpha_init); 3],
-            bias: MhcParams::init_bias(config.bias_init, n),
+            bias: MhcParams::initial_bias(config.bias_init, n),
         };
         Self::from_params(config, params)
     }

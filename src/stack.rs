@@ -110,6 +110,9 @@ impl<F: Float> StackTape<F> {
     }
 }
 
+/// What a run of the chain gives: `x_L`, `pre_{L−1}`, and the tape when training.
+type Run<F> = (Array3<F>, Array2<F>, Option<StackTape<F>>);
+
 /// A chain of mHC blocks (SPEC §8) under a [`Schedule`]: attention and FFN sublayers alike,
 /// each block with its own parameters.
 ///
@@ -251,7 +254,7 @@ impl<F: Float> MhcStack<F> {
         x: ArrayView3<F>,
         mut sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
         train: bool,
-    ) -> Result<(Array3<F>, Array2<F>, Option<StackTape<F>>)> {
+    ) -> Result<Run<F>> {
         let (n, c) = self.dims();
         let inb = Error::in_block;
         check_x(x.shape(), n, c).map_err(inb(0))?;

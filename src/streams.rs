@@ -198,4 +198,19 @@ impl<F: Float> LearnedCollapse<F> {
     pub fn bias(&self) -> &ndarray::Array1<F> {
         &self.bias
     }
+
+    /// `(n, C)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.streams, self.dim)
+    }
+
+    /// The RMS epsilon.
+    pub fn rms_eps(&self) -> f64 {
+        self.rms_eps
+    }
+
+    /// The epsilon added to the weights after the sigmoid.
+    pub fn pre_eps(&self) -> f64 {
+        self.pre_eps
+    }
 }

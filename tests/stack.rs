@@ -236,11 +236,6 @@ fn current_stack_equals_its_blocks_bitwise() {
     let mut rng = StdRng::seed_from_u64(3);
     let (t, n, c, nb) = (600, 4, 24, 3);
     let (stack, ws) = random_stack(nb, n, c, Schedule::Current, &mut rng);
-    let stack = MhcStack::new(
-        stack.blocks().iter().map(|b| b.clone()).collect(),
-        Schedule::Current,
-    )
-    .unwrap();
     let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
     let (out, pre, tape) = stack
         .forward_train(x.view(), |l, u| tanh_layer(u, &ws[l]))

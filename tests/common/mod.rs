@@ -6,7 +6,15 @@ use serde_json::Value;
 
 /// The cases of `tests/data/{name}.json` (produced by `mhc_reference.py`, seed 0).
 pub fn cases(name: &str) -> Vec<Value> {
-    let path = format!("{}/tests/data/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    // The core's tests and mhc-burn's (one folder down) share `tests/data`.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let path = [
+        format!("{root}/tests/data/{name}.json"),
+        format!("{root}/../tests/data/{name}.json"),
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .unwrap_or_else(|| format!("{root}/tests/data/{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let v: Value = serde_json::from_str(&text).unwrap();
     v["cases"].as_array().unwrap().clone()
