@@ -28,7 +28,11 @@
 //!
 //! V4 computes the Sinkhorn projection with `eps = 1e-6` and adds `1e-6` to `H_pre`; the loader
 //! sets `sinkhorn.eps = pre_eps = rms_eps = 1e-6` and 20 iterations, so a loaded layer
-//! reproduces their computation. `f32`, `f64`, `bf16` and `f16` tensors load (converted).
+//! reproduces their computation.
+//!
+//! DeepSeek-V4.1 keeps these tensors per half layer (`{prefix}.{i}.hc_attn_*`,
+//! `{prefix}.{i}.hc_ffn_*`), runs them as one chain under the single-pass schedule and uses
+//! `rms_eps = 1e-20`: [`load_deepseek_v41`] returns that chain as an [`MhcStack`]. `f32`, `f64`, `bf16` and `f16` tensors load (converted).
 //!
 //! Loading reads the whole file, lets `safetensors` validate the header and every offset
 //! against the file's length, and checks every shape before converting: no allocation is sized
@@ -42,7 +46,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
 use crate::streams::LearnedCollapse;
-use crate::{Float, HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, SinkhornKnopp};
+use crate::{
+    Float, HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule,
+    SinkhornKnopp,
+};
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Io {
@@ -227,7 +234,11 @@ pub enum Saved<'a, F> {
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn save<F: Float>(path: impl AsRef<Path>, blocks: &[Saved<'_, F>]) -> Result<()> {
-    let path = path.as_ref();
+    save_with(path.as_ref(), blocks, &[])
+}
+
+/// [`save`] with extra metadata entries.
+fn save_with<F: Float>(path: &Path, blocks: &[Saved<'_, F>], extra: &[(&str, &str)]) -> Result<()> {
     let mut tensors: Vec<(String, Owned)> = Vec::new();
     let mut meta = HashMap::new();
     let mut order = Vec::new();
@@ -298,6 +309,9 @@ pub fn save<F: Float>(path: impl AsRef<Path>, blocks: &[Saved<'_, F>]) -> Result
         }
     }
     meta.insert("mhc.blocks".into(), order.join(","));
+    for (k, v) in extra {
+        meta.insert((*k).into(), (*v).into());
+    }
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| format_err(format!("{e:?}")))?;
     std::fs::write(path, bytes).map_err(|e| io_err(path, e))
@@ -460,16 +474,14 @@ fn streams_from_rows(rows: usize) -> Option<usize> {
 /// shape for the error message), `{prefix}_base` (`[rows]`) and `{prefix}_scale`
 /// (`[scales]`).
 fn v4_tensors<F: Float>(
-    path: &Path,
+    st: &SafeTensors<'_>,
     prefix: &str,
     form: &str,
     streams: impl Fn(usize) -> Option<usize>,
     scales: usize,
 ) -> Result<V4Tensors<F>> {
-    let file = File::read(path)?;
-    let (st, _) = file.parse()?;
     let fn_name = format!("{prefix}_fn");
-    let shape = shape_of(&st, &fn_name)?;
+    let shape = shape_of(st, &fn_name)?;
     let bad_shape = || {
         format_err(format!(
             "tensor `{fn_name}` has shape {shape:?}: expected {form} for integers n, C >= 1"
@@ -482,9 +494,9 @@ fn v4_tensors<F: Float>(
     if nc == 0 || nc % n != 0 {
         return Err(bad_shape());
     }
-    let w = tensor::<F>(&st, &fn_name, &[rows, nc])?;
-    let base = tensor::<F>(&st, &format!("{prefix}_base"), &[rows])?;
-    let scale = tensor::<F>(&st, &format!("{prefix}_scale"), &[scales])?;
+    let w = tensor::<F>(st, &fn_name, &[rows, nc])?;
+    let base = tensor::<F>(st, &format!("{prefix}_base"), &[rows])?;
+    let scale = tensor::<F>(st, &format!("{prefix}_scale"), &[scales])?;
     Ok(V4Tensors {
         n,
         nc,
@@ -523,13 +535,20 @@ struct V4Tensors<F> {
 /// # Ok::<(), mhc::Error>(())
 /// ```
 pub fn load_deepseek_v4<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Result<MhcBlock<F>> {
+    let file = File::read(path.as_ref())?;
+    let (st, _) = file.parse()?;
+    v4_block(&st, prefix, 1e-6)
+}
+
+/// One V4-layout layer of a parsed file as a block (V4's and V4.1's constants but `rms_eps`).
+fn v4_block<F: Float>(st: &SafeTensors<'_>, prefix: &str, rms_eps: f64) -> Result<MhcBlock<F>> {
     let V4Tensors {
         n,
         nc,
         w,
         base,
         scale,
-    } = v4_tensors::<F>(path.as_ref(), prefix, "[n(n+2), n·C]", streams_from_rows, 3)?;
+    } = v4_tensors::<F>(st, prefix, "[n(n+2), n·C]", streams_from_rows, 3)?;
     let (m, c) = (n * (n + 2), nc / n);
     // Our column `col` is V4's row `v4_row(col)`: pre and post in place, comb transposed.
     let v4_row = |col: usize| {
@@ -547,7 +566,7 @@ pub fn load_deepseek_v4<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Resul
         eps: 1e-6,
     };
     config.pre_eps = 1e-6;
-    config.rms_eps = 1e-6;
+    config.rms_eps = rms_eps;
     MhcBlock::from_params(
         config,
         MhcParams {
@@ -556,6 +575,141 @@ pub fn load_deepseek_v4<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Resul
             bias,
         },
     )
+}
+
+/// Loads DeepSeek-V4.1's hyper-connections as a chain under [`Schedule::Shifted`] (SPEC §8):
+/// the layers `{prefix}.{i}.hc_attn_{fn,base,scale}` then `{prefix}.{i}.hc_ffn_{fn,base,scale}`
+/// for `i = 0, 1, …` while present, chained attn₀, ffn₀, attn₁, …, each converted as
+/// [`load_deepseek_v4`] does, with V4.1's constants: `rms_eps = 1e-20`, Sinkhorn
+/// `eps = pre_eps = 1e-6`, 20 iterations. V4.1 has no learned head: the final hidden state is
+/// the read-out with the chain's last `H_pre`.
+///
+/// # Errors
+///
+/// As [`load_deepseek_v4`], naming the tensor; [`Error::MissingTensor`] when layer 0 is
+/// missing or a layer has one half only (naming the missing `_fn`); [`Error::Format`] when a
+/// layer index beyond the first missing one is present (a gap); [`Error::BlockMismatch`]
+/// when layers differ in `n` or `C`.
+///
+/// # Examples
+///
+/// ```no_run
+/// let stack = mhc::io::load_deepseek_v41::<f32>("model.safetensors", "layers")?;
+/// assert_eq!(stack.schedule(), mhc::Schedule::Shifted);
+/// assert_eq!(stack.blocks()[0].config().rms_eps, 1e-20);
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn load_deepseek_v41<F: Float>(path: impl AsRef<Path>, prefix: &str) -> Result<MhcStack<F>> {
+    let file = File::read(path.as_ref())?;
+    let (st, _) = file.parse()?;
+    let names: std::collections::HashSet<String> =
+        st.names().into_iter().map(String::from).collect();
+    let half = |i: usize, kind: &str| format!("{prefix}.{i}.hc_{kind}");
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    loop {
+        let (attn, ffn) = (half(i, "attn"), half(i, "ffn"));
+        let has = |p: &str| names.contains(&format!("{p}_fn"));
+        match (has(&attn), has(&ffn)) {
+            (true, true) => {
+                blocks.push(v4_block(&st, &attn, 1e-20)?);
+                blocks.push(v4_block(&st, &ffn, 1e-20)?);
+            }
+            (false, false) if i > 0 => break,
+            (_, true) | (false, false) => {
+                return Err(Error::MissingTensor {
+                    name: format!("{attn}_fn"),
+                });
+            }
+            (true, false) => {
+                return Err(Error::MissingTensor {
+                    name: format!("{ffn}_fn"),
+                });
+            }
+        }
+        i += 1;
+    }
+    // A layer after the first missing index: a gap in the chain.
+    let dot = format!("{prefix}.");
+    if let Some(name) = names.iter().find(|name| {
+        name.strip_prefix(&dot)
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(idx, tail)| {
+                tail.starts_with("hc_") && idx.parse::<usize>().is_ok_and(|j| j >= i)
+            })
+    }) {
+        return Err(format_err(format!(
+            "tensor `{name}` follows a gap: layer {i} of `{prefix}` is missing"
+        )));
+    }
+    MhcStack::new(blocks, Schedule::Shifted)
+}
+
+/// Saves a whole stack in our layout (blocks under `blocks.0`, `blocks.1`, …, the schedule in
+/// the metadata key `mhc.schedule`), for [`load_stack`].
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be written.
+///
+/// # Examples
+///
+/// ```
+/// use mhc::rand::{SeedableRng, rngs::StdRng};
+/// use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule};
+/// let mut rng = StdRng::seed_from_u64(0);
+/// let blocks = (0..3).map(|_| MhcBlock::<f32>::new(MhcConfig::new(4, 8), &mut rng)).collect::<Result<_, _>>()?;
+/// let stack = MhcStack::new(blocks, Schedule::Shifted)?;
+/// let path = std::env::temp_dir().join("mhc-doc-save-stack.safetensors");
+/// mhc::io::save_stack(&path, &stack)?;
+/// let back = mhc::io::load_stack::<f32>(&path)?;
+/// assert_eq!(back.schedule(), Schedule::Shifted);
+/// assert_eq!(back.blocks()[2].params(), stack.blocks()[2].params());
+/// # Ok::<(), mhc::Error>(())
+/// ```
+pub fn save_stack<F: Float>(path: impl AsRef<Path>, stack: &MhcStack<F>) -> Result<()> {
+    let names: Vec<String> = (0..stack.blocks().len())
+        .map(|i| format!("blocks.{i}"))
+        .collect();
+    let saved: Vec<Saved<'_, F>> = names
+        .iter()
+        .zip(stack.blocks())
+        .map(|(p, b)| Saved::Mhc(p, b))
+        .collect();
+    let schedule = match stack.schedule() {
+        Schedule::Shifted => "shifted",
+        _ => "current",
+    };
+    save_with(path.as_ref(), &saved, &[("mhc.schedule", schedule)])
+}
+
+/// Loads a stack saved by [`save_stack`], converted to `F`.
+///
+/// # Errors
+///
+/// As [`load_mhc_stack`]; [`Error::Format`] for a missing or unknown `mhc.schedule`; the
+/// errors of [`MhcStack::new`].
+///
+/// # Examples
+///
+/// See [`save_stack`].
+pub fn load_stack<F: Float>(path: impl AsRef<Path>) -> Result<MhcStack<F>> {
+    let file = File::read(path.as_ref())?;
+    let (_, meta) = file.parse()?;
+    let schedule = match meta.get("mhc.schedule").map(String::as_str) {
+        Some("shifted") => Schedule::Shifted,
+        Some("current") => Schedule::Current,
+        other => {
+            return Err(format_err(format!(
+                "metadata `mhc.schedule` is {other:?}, expected \"current\" or \"shifted\""
+            )));
+        }
+    };
+    let blocks = load_mhc_stack::<F>(path)?
+        .into_iter()
+        .map(|(_, b)| b)
+        .collect();
+    MhcStack::new(blocks, schedule)
 }
 
 /// Loads DeepSeek-V4's final collapse (`{prefix}_fn` `[n, n·C]`, `{prefix}_base` `[n]`,
@@ -578,19 +732,15 @@ pub fn load_deepseek_v4_head<F: Float>(
     path: impl AsRef<Path>,
     prefix: &str,
 ) -> Result<LearnedCollapse<F>> {
+    let file = File::read(path.as_ref())?;
+    let (st, _) = file.parse()?;
     let V4Tensors {
         n,
         nc,
         w,
         base,
         scale,
-    } = v4_tensors::<F>(
-        path.as_ref(),
-        prefix,
-        "[n, n·C]",
-        |n| (n > 0).then_some(n),
-        1,
-    )?;
+    } = v4_tensors::<F>(&st, prefix, "[n, n·C]", |n| (n > 0).then_some(n), 1)?;
     let phi = Array2::from_shape_fn((nc, n), |(k, j)| w[j * nc + k]);
     LearnedCollapse::new(n, nc / n, phi, scale[0], Array1::from(base), 1e-6, 1e-6)
 }

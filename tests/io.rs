@@ -87,7 +87,11 @@ fn round_trip_is_bitwise_f64() {
 }
 
 fn expected() -> HashMap<String, ArrayD<f64>> {
-    let bytes = std::fs::read(fixture("v4_expected.safetensors")).unwrap();
+    expected_in("v4_expected.safetensors")
+}
+
+fn expected_in(file: &str) -> HashMap<String, ArrayD<f64>> {
+    let bytes = std::fs::read(fixture(file)).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -443,4 +447,160 @@ proptest! {
         let _ = load_deepseek_v4::<f32>(&p, "layers.0.hc_attn");
         let _ = load_deepseek_v4_head::<f64>(&p, "hc_head");
     }
+}
+
+/// DeepSeek-V4.1's chain (`make_v41_fixture.py`, numpy float64 in V4's comb coordinates): the
+/// loaded stack's output, last `H_pre` and final read-out; f32, bf16 and f16 halves.
+fn deepseek_v41<F: Float>(tol: f64) {
+    let e = expected_in("v41_expected.safetensors");
+    let x: Array3<F> = e["x"]
+        .view()
+        .into_dimensionality()
+        .unwrap()
+        .mapv(F::from_f64);
+    let ws: Vec<Array2<F>> = (0..4)
+        .map(|l| {
+            e[&format!("w.{l}")]
+                .view()
+                .into_dimensionality()
+                .unwrap()
+                .mapv(F::from_f64)
+        })
+        .collect();
+    let stack =
+        mhc::io::load_deepseek_v41::<F>(fixture("v41_layers.safetensors"), "layers").unwrap();
+    assert_eq!(stack.schedule(), mhc::Schedule::Shifted);
+    assert_eq!(stack.blocks().len(), 4);
+    for b in stack.blocks() {
+        let c = b.config();
+        assert_eq!(
+            (c.rms_eps, c.pre_eps, c.sinkhorn.eps, c.sinkhorn.iters),
+            (1e-20, 1e-6, 1e-6, 20)
+        );
+    }
+    let (out, pre) = stack
+        .forward(x.view(), |l, u| u.dot(&ws[l]).mapv(|v| v.tanh()))
+        .unwrap();
+    close("out", &out, &e["out"], tol);
+    close("pre_last", &pre, &e["pre_last"], tol);
+    let h = mhc::mixing::read_out(out.view(), pre.view()).unwrap();
+    close("h", &h, &e["h"], tol);
+}
+
+#[test]
+fn deepseek_v41_fixture_matches_numpy_f64() {
+    deepseek_v41::<f64>(1e-9);
+}
+
+#[test]
+fn deepseek_v41_fixture_matches_numpy_f32() {
+    deepseek_v41::<f32>(1e-5);
+}
+
+#[test]
+fn deepseek_v41_bad_files_give_typed_errors() {
+    let src = std::fs::read(fixture("v41_layers.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&src).unwrap();
+    let keep = |drop: &dyn Fn(&str) -> bool, rename: &dyn Fn(&str) -> String| -> PathBuf {
+        let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(k, _)| !drop(k))
+            .map(|(k, t)| (rename(&k), t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+            .collect();
+        let p = tmp(&format!(
+            "v41-{}.safetensors",
+            tensors.len() * 131 + tensors[0].0.len()
+        ));
+        let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(k, d, s, b)| (k.as_str(), *d, s.clone(), b.clone()))
+            .collect();
+        write(&p, &refs, None);
+        p
+    };
+    let load = |p: &PathBuf| mhc::io::load_deepseek_v41::<f32>(p, "layers");
+    let same = |k: &str| k.to_string();
+    // A half layer: layer 1 without its ffn.
+    let p = keep(&|k| k.starts_with("layers.1.hc_ffn"), &same);
+    assert_eq!(
+        load(&p).unwrap_err(),
+        Error::MissingTensor {
+            name: "layers.1.hc_ffn_fn".into()
+        }
+    );
+    // No layer 0 at all.
+    let p = keep(&|k| k.starts_with("layers.0."), &same);
+    assert_eq!(
+        load(&p).unwrap_err(),
+        Error::MissingTensor {
+            name: "layers.0.hc_attn_fn".into()
+        }
+    );
+    // A gap: layer 1 stored as layer 2.
+    let p = keep(&|_| false, &|k| k.replace("layers.1.", "layers.2."));
+    match load(&p).unwrap_err() {
+        Error::Format { message } => assert!(message.contains("layers.2.hc_"), "{message}"),
+        e => panic!("{e:?}"),
+    }
+    // A missing base names the tensor.
+    let p = keep(&|k| k == "layers.0.hc_ffn_base", &same);
+    assert_eq!(
+        load(&p).unwrap_err(),
+        Error::MissingTensor {
+            name: "layers.0.hc_ffn_base".into()
+        }
+    );
+    // A wrong shape: a scale of 2 entries.
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            if k == "layers.1.hc_attn_scale" {
+                (k, t.dtype(), vec![2], t.data()[..4].to_vec())
+            } else {
+                (k, t.dtype(), t.shape().to_vec(), t.data().to_vec())
+            }
+        })
+        .collect();
+    let p = tmp("v41-shape.safetensors");
+    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| (k.as_str(), *d, s.clone(), b.clone()))
+        .collect();
+    write(&p, &refs, None);
+    assert_eq!(
+        load(&p).unwrap_err(),
+        Error::TensorShape {
+            name: "layers.1.hc_attn_scale".into(),
+            expected: vec![3],
+            got: vec![2]
+        }
+    );
+}
+
+#[test]
+fn stacks_round_trip_with_their_schedule() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for schedule in [mhc::Schedule::Current, mhc::Schedule::Shifted] {
+        let blocks = (0..3)
+            .map(|_| MhcBlock::<f64>::new(MhcConfig::new(2, 5), &mut rng).unwrap())
+            .collect();
+        let stack = mhc::MhcStack::new(blocks, schedule).unwrap();
+        let p = tmp(&format!("stack-{schedule:?}.safetensors"));
+        mhc::io::save_stack(&p, &stack).unwrap();
+        let back = mhc::io::load_stack::<f64>(&p).unwrap();
+        assert_eq!(back.schedule(), schedule);
+        for (a, b) in back.blocks().iter().zip(stack.blocks()) {
+            assert_eq!((a.params(), a.config()), (b.params(), b.config()));
+        }
+    }
+    // A file of blocks without a schedule is not a stack.
+    let b = MhcBlock::<f32>::new(MhcConfig::new(2, 5), &mut rng).unwrap();
+    let p = tmp("no-schedule.safetensors");
+    save(&p, &[Saved::Mhc("l0", &b)]).unwrap();
+    assert!(matches!(
+        mhc::io::load_stack::<f32>(&p),
+        Err(Error::Format { .. })
+    ));
 }
