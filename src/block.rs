@@ -791,8 +791,8 @@ impl<F: Float> MhcBlock<F> {
 
     /// The seam between this block and the `next` in a chain: this block's write-in
     /// `x' = H_res·x + H_post·y` fused with `next`'s read-out of `x'` (its mappings and `u'`,
-    /// read out with this block's `H_pre` under [`Schedule::Shifted`], with `next`'s own under
-    /// [`Schedule::Current`]), in one pass over the streams. Bitwise equal to
+    /// read out with this block's `H_pre` under [`Schedule::Shifted`](crate::Schedule::Shifted), with `next`'s own under
+    /// [`Schedule::Current`](crate::Schedule::Current)), in one pass over the streams. Bitwise equal to
     /// [`write_in`](Self::write_in) followed by [`read_out_linked_into`](Self::read_out_linked_into).
     ///
     /// `stage` is overwritten (its buffers are reused when they have the right shapes).
