@@ -48,3 +48,7 @@ pub use mixing::{Mappings, read_out, write_in};
 pub use sinkhorn::sinkhorn;
 pub use stack::{MhcStack, Schedule, initial_pre};
 pub use streams::{Collapse, LearnedCollapse, collapse, expand};
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
