@@ -3,7 +3,9 @@
 //! Run: `cargo run --release --example train` (flags: `--layers 32 --dim 32 --tokens 256
 //! --steps 300 --lrs 0.001,0.003,0.01,0.03,0.1 --clip 0 --threads 2 --out target/plots`;
 //! `--clip N` clips the global gradient norm at `N`, 0 turns clipping off; `--variants
-//! residual,hc,mhc,mhc-id` picks the variants, `mhc-id` being mHC with the identity-like bias)
+//! residual,hc,mhc,mhc-id,mhc-shifted` picks the variants, `mhc-id` being mHC with the
+//! identity-like bias and `mhc-shifted` an `MhcStack` under DeepSeek-V4.1's single-pass schedule,
+//! read out at the top by the last block's `H_pre` instead of the mean of the streams)
 
 //!
 //! The task is generated here: regression onto a fixed random deep teacher network
@@ -17,8 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mhc::gain::{composite_gains, mean_res};
 use mhc::rand::{SeedableRng, rngs::StdRng};
 use mhc::{
-    Collapse, HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, Mlp, ResidualBlock,
-    collapse, expand,
+    Collapse, HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, MhcStack, Mlp,
+    ResidualBlock, Schedule, StackTape, collapse, expand,
 };
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 use plotters::prelude::*;
@@ -82,12 +84,18 @@ enum Mix {
     Mhc(Box<MhcBlock<f32>>),
 }
 
-/// Per layer: the block input and the sublayer output, what the backward pass needs.
-type Saved = Vec<(Array3<f32>, Array2<f32>)>;
+/// What the backward pass needs: per layer the block input and the sublayer output, or for a
+/// shifted stack its tape, `x_L` and the last `H_pre`.
+enum Saved {
+    Layers(Vec<(Array3<f32>, Array2<f32>)>),
+    Stack(StackTape<f32>, Array3<f32>, Array2<f32>),
+}
 
 struct Net {
     mlps: Vec<Mlp<f32>>,
     mix: Vec<Mix>,
+    /// The `mhc-shifted` variant's chain (then `mix` is empty).
+    stack: Option<MhcStack<f32>>,
     head: Array2<f32>,
 }
 
@@ -99,7 +107,8 @@ impl Net {
         let mlps = (0..layers)
             .map(|_| Mlp::new(c, 4 * c, rng).expect("dims > 0"))
             .collect();
-        let mix = (0..layers)
+        let shifted = kind == "mhc-shifted";
+        let mix: Vec<Mix> = (0..layers)
             .map(|k| match kind {
                 "residual" => Mix::Residual,
                 "hc" => {
@@ -121,11 +130,40 @@ impl Net {
                 .unwrap()
                 .sample(rng)
         });
-        Net { mlps, mix, head }
+        let (mix, stack) = if shifted {
+            let blocks = mix
+                .into_iter()
+                .map(|m| match m {
+                    Mix::Mhc(b) => *b,
+                    _ => unreachable!("mhc-shifted builds mHC blocks"),
+                })
+                .collect();
+            (
+                vec![],
+                Some(MhcStack::new(blocks, Schedule::Shifted).expect("same n, C")),
+            )
+        } else {
+            (mix, None)
+        };
+        Net {
+            mlps,
+            mix,
+            stack,
+            head,
+        }
     }
 
     /// Forward; returns the prediction and what the backward pass needs per layer.
     fn forward(&self, h: &Array2<f32>) -> (Array2<f32>, Saved, Array2<f32>) {
+        if let Some(stack) = &self.stack {
+            let x = expand(h.view(), STREAMS).expect("n > 0");
+            let (xl, pre, tape) = stack
+                .forward_train(x.view(), |l, u| self.mlps[l].forward(u).expect("[T, C]"))
+                .expect("finite");
+            // V4.1: the last block's H_pre reads out the final hidden state.
+            let z = mhc::mixing::read_out(xl.view(), pre.view()).expect("shapes");
+            return (z.dot(&self.head), Saved::Stack(tape, xl, pre), z);
+        }
         let residual = matches!(self.mix[0], Mix::Residual);
         let mut x = if residual {
             h.clone().insert_axis(Axis(1))
@@ -153,7 +191,7 @@ impl Net {
             x = next;
         }
         let z = collapse(x.view(), Collapse::Mean).expect("n > 0");
-        (z.dot(&self.head), saved, z)
+        (z.dot(&self.head), Saved::Layers(saved), z)
     }
 
     /// Loss (MSE) and gradients in [`Net::tensors`] order, or `None` if the loss is not finite.
@@ -167,6 +205,38 @@ impl Net {
         let dpred = diff * (2.0 / pred.len() as f32);
         let dhead = z.t().dot(&dpred);
         let dz = dpred.dot(&self.head.t());
+        let saved = match saved {
+            Saved::Layers(s) => s,
+            Saved::Stack(tape, xl, pre) => {
+                let stack = self.stack.as_ref().expect("a stack saved it");
+                // h = Σ_j pre[j] x_L[j]: ∂x_L[j] = pre[j] ∂h, ∂pre[j] = ⟨∂h, x_L[j]⟩.
+                let dz3 = dz.view().insert_axis(Axis(1));
+                let dxl = &pre.view().insert_axis(Axis(2)) * &dz3;
+                let dpre = (&xl * &dz3).sum_axis(Axis(2));
+                let mgs = RefCell::new(vec![None; self.mlps.len()]);
+                let vjp = |l: usize, u: ArrayView2<f32>, dy: ArrayView2<f32>| {
+                    let (du, g) = self.mlps[l].backward(u, dy).expect("shapes");
+                    mgs.borrow_mut()[l] = Some(g);
+                    du
+                };
+                let Ok((_, bgs)) = stack.backward(&tape, dxl.view(), Some(dpre.view()), vjp) else {
+                    return (f32::NAN, None);
+                };
+                let mut grads: Grads = Vec::new();
+                for (g, b) in mgs.into_inner().into_iter().zip(&bgs) {
+                    let g = g.expect("the VJP ran");
+                    grads.extend([
+                        g.w1.into_raw_vec_and_offset().0,
+                        g.b1.to_vec(),
+                        g.w2.into_raw_vec_and_offset().0,
+                        g.b2.to_vec(),
+                    ]);
+                    grads.extend(flat_mhc(b));
+                }
+                grads.push(dhead.into_raw_vec_and_offset().0);
+                return (loss, Some(grads));
+            }
+        };
         let n = saved[0].0.shape()[1];
         let mut dx = expand(dz.view(), n).expect("n > 0") / n as f32;
         let mut grads_rev: Vec<Grads> = Vec::new();
@@ -216,6 +286,21 @@ impl Net {
 
     /// Applies `f` to every parameter tensor, in gradient order.
     fn update(&mut self, f: &mut dyn FnMut(&mut [f32])) {
+        if let Some(stack) = &mut self.stack {
+            for (mlp, b) in self.mlps.iter_mut().zip(stack.blocks_mut()) {
+                for t in [
+                    &mut mlp.w1.as_slice_mut(),
+                    &mut mlp.b1.as_slice_mut(),
+                    &mut mlp.w2.as_slice_mut(),
+                    &mut mlp.b2.as_slice_mut(),
+                ] {
+                    f(t.as_deref_mut().expect("contiguous"));
+                }
+                update_mhc(b, f);
+            }
+            f(self.head.as_slice_mut().expect("contiguous"));
+            return;
+        }
         for (mlp, mix) in self.mlps.iter_mut().zip(self.mix.iter_mut()) {
             for t in [
                 &mut mlp.w1.as_slice_mut(),
@@ -242,17 +327,7 @@ impl Net {
                     }
                     b.set_params(p).expect("finite");
                 }
-                Mix::Mhc(b) => {
-                    let mut p = b.params().clone();
-                    for t in [
-                        p.phi.as_slice_mut(),
-                        Some(&mut p.alpha[..]),
-                        p.bias.as_slice_mut(),
-                    ] {
-                        f(t.expect("contiguous"));
-                    }
-                    b.set_params(p).expect("finite");
-                }
+                Mix::Mhc(b) => update_mhc(b, f),
             }
         }
         f(self.head.as_slice_mut().expect("contiguous"));
@@ -261,6 +336,18 @@ impl Net {
     /// Token-averaged `H_res` of every layer on `h`.
     fn res(&self, h: &Array2<f32>) -> Vec<Array2<f32>> {
         let (_, saved, _) = self.forward(h);
+        let saved = match saved {
+            Saved::Layers(s) => s,
+            Saved::Stack(tape, _, _) => {
+                let stack = self.stack.as_ref().expect("a stack saved it");
+                return stack
+                    .blocks()
+                    .iter()
+                    .zip(tape.inputs())
+                    .filter_map(|(b, x)| mean_res(&b.mappings(x.view()).ok()?).ok())
+                    .collect();
+            }
+        };
         self.mix
             .iter()
             .zip(&saved)
@@ -271,6 +358,19 @@ impl Net {
             })
             .collect()
     }
+}
+
+/// Applies `f` to an mHC block's parameters, in gradient order.
+fn update_mhc(b: &mut MhcBlock<f32>, f: &mut dyn FnMut(&mut [f32])) {
+    let mut p = b.params().clone();
+    for t in [
+        p.phi.as_slice_mut(),
+        Some(&mut p.alpha[..]),
+        p.bias.as_slice_mut(),
+    ] {
+        f(t.expect("contiguous"));
+    }
+    b.set_params(p).expect("finite");
 }
 
 fn flat_hc(g: &HcParams<f32>) -> Grads {
