@@ -2,7 +2,9 @@
 //! across a deep stack, HC against mHC.
 //!
 //! Run: `cargo run --release --example stability` (flags: `--layers 64 --dim 64 --tokens 128
-//! --drift 0,0.1,0.3 --out target/plots`)
+//! --drift 0,0.1,0.3 --schedule both --out target/plots`; `--schedule current|shifted|both`
+//! picks the mHC schedules: `shifted` runs the same mHC blocks as one `MhcStack` under
+//! DeepSeek-V4.1's single pass, where block `l` reads out with block `l−1`'s `H_pre`)
 //!
 //! A stack of `L` blocks with `n = 4` streams, each around its own MLP, is run on one sequence of
 //! tokens. For every layer the token-averaged `H_res` gives the single-layer Amax gains and, over
@@ -13,7 +15,7 @@
 
 use mhc::gain::{amax_gain, composite_gains, mean_res};
 use mhc::rand::{SeedableRng, rngs::StdRng};
-use mhc::{HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, Mlp};
+use mhc::{HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, MhcStack, Mlp, Schedule};
 use ndarray::{Array, Array2, Array3, Dimension};
 use plotters::prelude::*;
 use rand_distr::{Distribution, Normal};
@@ -23,6 +25,7 @@ struct Args {
     dim: usize,
     tokens: usize,
     drift: Vec<f64>,
+    schedule: String,
     out: String,
 }
 
@@ -32,6 +35,7 @@ fn args() -> Args {
         dim: 64,
         tokens: 128,
         drift: vec![0.0, 0.1, 0.3],
+        schedule: "both".into(),
         out: "target/plots".into(),
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
@@ -47,6 +51,7 @@ fn args() -> Args {
                     .map(|s| s.parse().expect("--drift a,b,c"))
                     .collect()
             }
+            "--schedule" => a.schedule = val.into(),
             "--out" => a.out = val.into(),
             other => panic!("unknown flag {other}; see the doc comment of examples/stability.rs"),
         }
@@ -106,6 +111,23 @@ fn run_stack(blocks: &[Layer], x0: &Array3<f32>) -> Vec<Array2<f32>> {
     res
 }
 
+/// Per-layer token-averaged H_res of the same blocks chained under the shifted schedule.
+fn shifted_res(
+    chain: Vec<MhcBlock<f32>>,
+    mlps: &[Mlp<f32>],
+    x0: &Array3<f32>,
+) -> Result<Vec<Array2<f32>>, mhc::Error> {
+    let stack = MhcStack::new(chain, Schedule::Shifted)?;
+    let (_, _, tape) =
+        stack.forward_train(x0.view(), |l, u| mlps[l].forward(u).expect("[T, C]"))?;
+    stack
+        .blocks()
+        .iter()
+        .zip(tape.inputs())
+        .map(|(b, x)| mean_res(&b.mappings(x.view())?))
+        .collect()
+}
+
 struct Curve {
     label: String,
     single: Vec<(f64, f64)>,
@@ -133,10 +155,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| variant | drift σ | max single fwd | max single bwd | max composite fwd | max composite bwd | min composite fwd |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let variants: &[&str] = match a.schedule.as_str() {
+        "current" => &["HC", "mHC"],
+        "shifted" => &["HC", "mHC-shifted"],
+        "both" => &["HC", "mHC", "mHC-shifted"],
+        s => panic!("--schedule {s}: expected current, shifted or both"),
+    };
     for &sigma in &a.drift {
-        for variant in ["HC", "mHC"] {
+        for &variant in variants {
             let mut rng = StdRng::seed_from_u64(1 + (sigma * 1e6) as u64);
             let mut blocks: Vec<Layer> = Vec::new();
+            let mut chain: Vec<MhcBlock<f32>> = Vec::new();
             for (k, mlp) in mlps.iter().enumerate() {
                 let mlp = mlp.clone();
                 if variant == "HC" {
@@ -156,10 +185,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let mut p: MhcParams<f32> = b.params().clone();
                     drift(&mut p.phi, sigma, &mut rng);
                     drift(&mut p.bias, sigma, &mut rng);
+                    // The same parameters for both schedules (the same seeds).
+                    chain.push(MhcBlock::from_params(cfg, p.clone())?);
                     blocks.push(layer(MhcBlock::from_params(cfg, p)?, mlp));
                 }
             }
-            let res = run_stack(&blocks, &x0);
+            let res = if variant == "mHC-shifted" {
+                shifted_res(chain, &mlps, &x0)?
+            } else {
+                run_stack(&blocks, &x0)
+            };
             let single: Vec<(f64, f64)> = res
                 .iter()
                 .map(|m| amax_gain(m.view()).map(|g| (g.forward, g.backward)))
