@@ -3,7 +3,7 @@
 use burn::prelude::*;
 
 use crate::MhcBlock;
-use crate::mixing::{read_out, write_in};
+use crate::mixing::{Mappings, read_out, write_in};
 
 pub use mhc::Schedule;
 
@@ -121,27 +121,63 @@ impl MhcStack {
     pub fn forward(
         &self,
         x: Tensor<4>,
-        mut sublayer: impl FnMut(usize, Tensor<3>) -> Tensor<3>,
+        sublayer: impl FnMut(usize, Tensor<3>) -> Tensor<3>,
     ) -> (Tensor<4>, Tensor<3>) {
+        let (x, pre, _) = self.forward_traced(x, sublayer);
+        (x, pre)
+    }
+
+    /// [`forward`](Self::forward), also returning every block's mappings (e.g. for the gain
+    /// diagnostics of [`mhc::gain`] on a trained model).
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward`](Self::forward); one [`Mappings`] a block, for `[batch, seq]` tokens.
+    ///
+    /// # Panics
+    ///
+    /// If `x` is not `[.., .., n, C]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use burn::prelude::*;
+    /// use mhc_burn::{MhcBlockConfig, MhcStack, Schedule};
+    /// let device = Device::flex();
+    /// let stack = MhcStack::new((0..3).map(|_| MhcBlockConfig::new(4, 8).init(&device)).collect(), Schedule::Current);
+    /// let (_, _, maps) = stack.forward_traced(Tensor::ones([1, 2, 4, 8], &device), |_l, u| u);
+    /// assert_eq!((maps.len(), maps[0].res.dims()), (3, [1, 2, 4, 4]));
+    /// ```
+    pub fn forward_traced(
+        &self,
+        x: Tensor<4>,
+        mut sublayer: impl FnMut(usize, Tensor<3>) -> Tensor<3>,
+    ) -> (Tensor<4>, Tensor<3>, Vec<Mappings>) {
         let [b, s, n, _] = x.dims();
         let device = x.device();
-        let mut prev = (self.schedule == Schedule::Shifted).then(|| initial_pre(b, s, n, &device));
+        let shifted = self.schedule == Schedule::Shifted;
+        let mut prev = shifted.then(|| initial_pre(b, s, n, &device));
         let mut x = x;
-        let mut last = None;
+        let mut all = Vec::with_capacity(self.blocks.len());
         for (l, block) in self.blocks.iter().enumerate() {
             let maps = block.mappings(x.clone());
-            let w = match (self.schedule, prev.take()) {
-                (Schedule::Shifted, Some(p)) => p,
-                _ => maps.pre.clone(),
+            let w = match prev.take() {
+                Some(p) => p,
+                None => maps.pre.clone(),
             };
             let y = sublayer(l, read_out(x.clone(), w));
             x = write_in(x, &maps, y);
-            if self.schedule == Schedule::Shifted {
+            if shifted {
                 prev = Some(maps.pre.clone());
             }
-            last = Some(maps.pre);
+            all.push(maps);
         }
-        (x, last.expect("a stack has at least one block"))
+        let pre = all
+            .last()
+            .expect("a stack has at least one block")
+            .pre
+            .clone();
+        (x, pre, all)
     }
 }
 
