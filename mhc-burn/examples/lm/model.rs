@@ -170,7 +170,7 @@ impl Lm {
 
     /// Sublayer `l`: attention for even `l`, the MLP for odd.
     fn sublayer(&self, l: usize, u: Tensor<3>) -> Tensor<3> {
-        if l % 2 == 0 {
+        if l.is_multiple_of(2) {
             self.attn[l / 2].forward(u)
         } else {
             self.mlp[l / 2].forward(u)
