@@ -444,3 +444,53 @@ fn zero_bias_block_on_replicated_streams_is_a_residual() {
         .fold(0.0f64, |m, v| m.max(*v));
     assert!(d < 1e-5, "{d}");
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The core's DeepSeek-V4.1 loader feeds a burn stack, and DeepSeek-V4's head a burn
+/// `LearnedCollapse`: both equal the core on the committed fixtures.
+#[test]
+fn deepseek_weights_feed_burn_modules() {
+    let dev = device();
+    let stack =
+        mhc::io::load_deepseek_v41::<f32>(fixture("v41_layers.safetensors"), "layers").unwrap();
+    let burn_stack = MhcStack::from_core(&stack, &dev);
+    let (t, n, c) = (6, 4, 16);
+    let x = Array3::from_shape_fn((t, n, c), |(a, b, k)| {
+        ((a * 5 + b * 3 + k) as f32 * 0.37).sin()
+    });
+    let (out, pre) = stack.forward(x.view(), |_, u| u.mapv(f32::tanh)).unwrap();
+    let xt = batch4(tensor_from_array(&x, &dev));
+    let (bo, bp) = burn_stack.forward(xt.clone(), |_, u| u.tanh());
+    let sq = |a: ArrayD<f64>, s: &[usize]| a.into_shape_with_order(s.to_vec()).unwrap();
+    assert_close("v41 x_L", &sq(of(&bo), out.shape()), &f32a(&out), FWD);
+    assert_close("v41 pre", &sq(of(&bp), pre.shape()), &f32a(&pre), FWD);
+    let head =
+        mhc::io::load_deepseek_v4_head::<f32>(fixture("v4_layer.safetensors"), "hc_head").unwrap();
+    let want = head.collapse(x.view()).unwrap();
+    let got = mhc_burn::LearnedCollapse::from_core(&head, &dev).forward(xt);
+    assert_close("v4 head", &sq(of(&got), want.shape()), &f32a(&want), FWD);
+}
+
+/// Half-precision activations keep f32 mappings (SPEC §9), and the output keeps the activations'
+/// dtype.
+#[test]
+fn half_precision_activations_keep_f32_mappings() {
+    use burn::tensor::{DType, FloatDType};
+    let dev = Device::flex();
+    let block = mhc_burn::MhcBlockConfig::new(4, 8).init(&dev);
+    let x = Tensor::<4>::random(
+        [1, 3, 4, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    )
+    .cast(FloatDType::BF16);
+    let maps = block.mappings(x.clone());
+    assert_eq!(maps.res.dtype(), DType::F32);
+    let out = block.forward(x, |u| u);
+    assert_eq!(out.dtype(), DType::BF16);
+}

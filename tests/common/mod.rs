@@ -58,6 +58,9 @@ pub fn assert_close(what: &str, got: &ArrayD<f64>, want: &ArrayD<f64>, tol: f64)
         .iter()
         .zip(want.iter())
         .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+    if std::env::var_os("MHC_REPORT_ERRORS").is_some() {
+        println!("{what}: max error {:.2e} of the largest entry", err / scale);
+    }
     assert!(
         err <= tol * scale,
         "{what}: max error {err:e} > {tol:e} × {scale:e}\n got {got:?}\nwant {want:?}"
