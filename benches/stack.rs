@@ -118,7 +118,8 @@ fn bench(c: &mut Criterion) {
 }
 
 fn median(group: &str, name: &str, id: &str) -> Option<f64> {
-    let p = format!("target/criterion/{group}/{name}/{id}/new/estimates.json");
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let p = format!("{dir}/criterion/{group}/{name}/{id}/new/estimates.json");
     let text = std::fs::read_to_string(p).ok()?;
     let i = text.find("\"median\"")?;
     let rest = &text[i..];
