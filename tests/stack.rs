@@ -5,41 +5,9 @@ mod common;
 
 use common::*;
 use mhc::rand::{RngExt, SeedableRng, rngs::StdRng};
-use mhc::{Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule, SinkhornKnopp};
+use mhc::{Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule};
 use ndarray::{Array2, Array3, ArrayView2};
 use std::cell::RefCell;
-
-/// A reference stack case: the stack, its sublayer weights, and the case.
-fn stack_case<F: Float>(c: &serde_json::Value) -> (MhcStack<F>, Vec<Array2<F>>) {
-    let n = c["n"].as_u64().unwrap() as usize;
-    let dim = c["c"].as_u64().unwrap() as usize;
-    let mut cfg = MhcConfig::new(n, dim);
-    cfg.rms_eps = c["rms_eps"].as_f64().unwrap();
-    cfg.pre_eps = c["pre_eps"].as_f64().unwrap();
-    cfg.sinkhorn = SinkhornKnopp {
-        iters: c["iters"].as_u64().unwrap() as usize,
-        eps: c["eps"].as_f64().unwrap(),
-    };
-    let layers = c["layers"].as_array().unwrap();
-    let blocks = layers
-        .iter()
-        .map(|l| {
-            let p = MhcParams {
-                phi: a2(&l["phi"]),
-                alpha: alpha(&l["alpha"]),
-                bias: a1(&l["bias"]),
-            };
-            MhcBlock::from_params(cfg, p).unwrap()
-        })
-        .collect();
-    let schedule = match c["schedule"].as_str().unwrap() {
-        "current" => Schedule::Current,
-        "shifted" => Schedule::Shifted,
-        s => panic!("schedule {s}"),
-    };
-    let ws = layers.iter().map(|l| a2(&l["sublayer_w"])).collect();
-    (MhcStack::new(blocks, schedule).unwrap(), ws)
-}
 
 /// `F_l(u) = tanh(u·W_l)`'s VJP, recording `∂W_l`.
 fn tanh_vjps<'a, F: Float>(

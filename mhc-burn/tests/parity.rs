@@ -225,30 +225,9 @@ fn hc_block_forward_and_gradients_equal_the_core() {
 fn stacks_forward_and_gradients_equal_the_core() {
     let dev = device();
     for (k, c) in cases("mhc_stack").iter().enumerate() {
-        let n = c["n"].as_u64().unwrap() as usize;
-        let dim = c["c"].as_u64().unwrap() as usize;
-        let mut cfg = mhc::MhcConfig::new(n, dim);
-        cfg.rms_eps = c["rms_eps"].as_f64().unwrap();
-        cfg.pre_eps = c["pre_eps"].as_f64().unwrap();
-        cfg.sinkhorn.eps = c["eps"].as_f64().unwrap();
+        let (core, ws) = stack_case::<f32>(c);
         let layers = c["layers"].as_array().unwrap();
-        let blocks = layers
-            .iter()
-            .map(|l| {
-                let p = mhc::MhcParams {
-                    phi: a2(&l["phi"]),
-                    alpha: alpha(&l["alpha"]),
-                    bias: a1(&l["bias"]),
-                };
-                mhc::MhcBlock::<f32>::from_params(cfg, p).unwrap()
-            })
-            .collect();
-        let schedule = match c["schedule"].as_str().unwrap() {
-            "shifted" => mhc::Schedule::Shifted,
-            _ => mhc::Schedule::Current,
-        };
-        let core = mhc::MhcStack::new(blocks, schedule).unwrap();
-        let ws: Vec<Array2<f32>> = layers.iter().map(|l| a2(&l["sublayer_w"])).collect();
+        let schedule = core.schedule();
         let x = a3::<f32>(&c["x"]);
         let (up, up_pre) = (a3::<f32>(&c["upstream"]), a2::<f32>(&c["upstream_pre"]));
         let (out, pre, tape) = core

@@ -96,8 +96,8 @@ pub fn dyn_f64<F: Float, D: ndarray::Dimension>(a: &ndarray::Array<F, D>) -> Arr
     a.mapv(F::as_f64).into_dyn()
 }
 
-/// An mHC block case of `mhc_block.json`: its config and params.
-pub fn mhc_case<F: Float>(c: &Value) -> (MhcConfig, MhcParams<F>) {
+/// The mHC configuration of a reference case (`mhc_block.json`, `mhc_stack.json`).
+pub fn mhc_config(c: &Value) -> MhcConfig {
     let n = c["n"].as_u64().unwrap() as usize;
     let dim = c["c"].as_u64().unwrap() as usize;
     let mut cfg = MhcConfig::new(n, dim);
@@ -107,6 +107,36 @@ pub fn mhc_case<F: Float>(c: &Value) -> (MhcConfig, MhcParams<F>) {
         iters: c["iters"].as_u64().unwrap() as usize,
         eps: c["eps"].as_f64().unwrap(),
     };
+    cfg
+}
+
+/// A stack case of `mhc_stack.json`: the stack and its sublayer weights `W_l`.
+pub fn stack_case<F: Float>(c: &Value) -> (mhc::MhcStack<F>, Vec<Array2<F>>) {
+    let cfg = mhc_config(c);
+    let layers = c["layers"].as_array().unwrap();
+    let blocks = layers
+        .iter()
+        .map(|l| {
+            let p = MhcParams {
+                phi: a2(&l["phi"]),
+                alpha: alpha(&l["alpha"]),
+                bias: a1(&l["bias"]),
+            };
+            mhc::MhcBlock::from_params(cfg, p).unwrap()
+        })
+        .collect();
+    let schedule = match c["schedule"].as_str().unwrap() {
+        "current" => mhc::Schedule::Current,
+        "shifted" => mhc::Schedule::Shifted,
+        s => panic!("schedule {s}"),
+    };
+    let ws = layers.iter().map(|l| a2(&l["sublayer_w"])).collect();
+    (mhc::MhcStack::new(blocks, schedule).unwrap(), ws)
+}
+
+/// An mHC block case of `mhc_block.json`: its config and params.
+pub fn mhc_case<F: Float>(c: &Value) -> (MhcConfig, MhcParams<F>) {
+    let cfg = mhc_config(c);
     let params = MhcParams {
         phi: a2(&c["phi"]),
         alpha: alpha(&c["alpha"]),
