@@ -42,14 +42,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(device: &Device) -> Self {
+    fn new(device: &Device, train: bool) -> Self {
         let w = |a: usize, b: usize| {
-            Tensor::random(
-                [a, b],
-                Distribution::Normal(0.0, (1.0 / a as f64).sqrt()),
-                device,
-            )
-            .require_grad()
+            let std = (1.0 / a as f64).sqrt();
+            let t = Tensor::random([a, b], Distribution::Normal(0.0, std), device);
+            if train { t.require_grad() } else { t }
         };
         Mlp {
             w1: w(C, 4 * C),
@@ -74,11 +71,11 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("burn_block");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     for (mode, d) in [("forward", &dev), ("forward_backward", &ad)] {
-        let mlp = Mlp::new(d);
+        let train = mode == "forward_backward";
+        let mlp = Mlp::new(d, train);
         let block: MhcBlock = MhcBlockConfig::new(N, C).init(d);
         let h = Tensor::<3>::random([BATCH, SEQ, C], Distribution::Normal(0.0, 1.0), d);
         let x = expand(h.clone(), N);
-        let train = mode == "forward_backward";
         g.bench_function(BenchmarkId::new(format!("residual_{mode}"), &id), |b| {
             b.iter(|| {
                 let out = ResidualBlock.forward(h.clone(), |u| mlp.forward(u));
@@ -154,10 +151,9 @@ fn main() {
 fn report() {
     let id = format!("n{N}_c{C}_t{}", BATCH * SEQ);
     let median = |group: &str, name: &str| -> Option<f64> {
-        let p = format!("target/criterion/{group}/{name}/{id}/new/estimates.json");
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(p);
+        let dir = std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+        let p = format!("{dir}/criterion/{group}/{name}/{id}/new/estimates.json");
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
         v["median"]["point_estimate"].as_f64().map(|ns| ns / 1e6)
     };
