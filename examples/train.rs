@@ -288,28 +288,14 @@ impl Net {
     fn update(&mut self, f: &mut dyn FnMut(&mut [f32])) {
         if let Some(stack) = &mut self.stack {
             for (mlp, b) in self.mlps.iter_mut().zip(stack.blocks_mut()) {
-                for t in [
-                    &mut mlp.w1.as_slice_mut(),
-                    &mut mlp.b1.as_slice_mut(),
-                    &mut mlp.w2.as_slice_mut(),
-                    &mut mlp.b2.as_slice_mut(),
-                ] {
-                    f(t.as_deref_mut().expect("contiguous"));
-                }
+                update_mlp(mlp, f);
                 update_mhc(b, f);
             }
             f(self.head.as_slice_mut().expect("contiguous"));
             return;
         }
         for (mlp, mix) in self.mlps.iter_mut().zip(self.mix.iter_mut()) {
-            for t in [
-                &mut mlp.w1.as_slice_mut(),
-                &mut mlp.b1.as_slice_mut(),
-                &mut mlp.w2.as_slice_mut(),
-                &mut mlp.b2.as_slice_mut(),
-            ] {
-                f(t.as_deref_mut().expect("contiguous"));
-            }
+            update_mlp(mlp, f);
             match mix {
                 Mix::Residual => {}
                 Mix::Hc(b) => {
@@ -357,6 +343,18 @@ impl Net {
                 Mix::Mhc(b) => Some(mean_res(&b.mappings(x.view()).ok()?).ok()?),
             })
             .collect()
+    }
+}
+
+/// Applies `f` to an MLP's parameters, in gradient order.
+fn update_mlp(mlp: &mut Mlp<f32>, f: &mut dyn FnMut(&mut [f32])) {
+    for t in [
+        &mut mlp.w1.as_slice_mut(),
+        &mut mlp.b1.as_slice_mut(),
+        &mut mlp.w2.as_slice_mut(),
+        &mut mlp.b2.as_slice_mut(),
+    ] {
+        f(t.as_deref_mut().expect("contiguous"));
     }
 }
 
