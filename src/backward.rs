@@ -10,13 +10,13 @@
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
+use crate::error::check_same;
 use crate::error::{Result, checked_size, reuse, try_zeroed};
 use crate::mappings::{MapScratch, MappingKernel, Mappings, SUB_TOKENS, project};
 use crate::mixing::{
     all_finite, blame, check_x, read_out_backward_token, read_out_token, with_slice_mut,
     write_in_backward_token,
 };
-use crate::sinkhorn::check_same;
 use crate::{Float, par};
 
 /// What the write-in half of a block's backward pass hands on: the sublayer input `u`

@@ -1,14 +1,17 @@
 //! The mHC block (paper Eq. 3, 7, 8): configuration, parameters, forward pass.
 
+use std::fmt;
+
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::backward::{self, RawGrads, Tape};
-use crate::error::{Error, Result, checked_size};
-use crate::mappings::{self, Mappings, MhcKernel};
+use crate::error::{Error, Result, checked_size, non_negative, positive};
+use crate::error::{check_finite, check_same};
+use crate::kernel::MhcKernel;
+use crate::mappings::{self, MappingKernel, Mappings};
 use crate::mixing::{self, check_x};
-use crate::sinkhorn::{check_finite, check_same};
 use crate::{Float, SinkhornKnopp};
 
 /// The initial bias of an mHC block (SPEC §3).
@@ -131,30 +134,6 @@ impl MhcConfig {
     }
 }
 
-pub(crate) fn positive(what: &'static str, v: f64) -> Result<()> {
-    if v.is_finite() && v > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidEpsilon {
-            what,
-            expected: "finite and > 0",
-            got: v,
-        })
-    }
-}
-
-pub(crate) fn non_negative(what: &'static str, v: f64) -> Result<()> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidEpsilon {
-            what,
-            expected: "finite and >= 0",
-            got: v,
-        })
-    }
-}
-
 /// The learned parameters of an [`MhcBlock`] (SPEC §3).
 ///
 /// Columns of `phi` and entries of `bias` are ordered `[pre (n) | post (n) | res (n², row-major)]`,
@@ -214,6 +193,157 @@ impl<F: Float> MhcParams<F> {
         b
     }
 }
+/// A block of `n` residual streams around a sublayer (paper Eq. 3): the read-out `H_pre`, the
+/// write-in `H_post` and the stream mixing `H_res`, computed per token by the connection `K`.
+///
+/// One type for every connection, with the connection as a type parameter (ndarray's
+/// `ArrayBase<S, D>` behind `Array` and `ArrayView`): [`MhcBlock`] (`K =` [`Mhc`]) and
+/// [`HcBlock`](crate::HcBlock) (`K =` [`Hc`]) are aliases, and every method below is inherent, so no trait
+/// needs importing. The mapping kernel (mHC's projection, sigmoids and Sinkhorn-Knopp or HC's
+/// tanh mappings) is the only part that differs; the read-out, write-in, their fused and
+/// backward passes, chunking and parallelism are one implementation.
+///
+/// The block never owns the sublayer: [`forward`](Self::forward) takes it as a closure, and the
+/// split [`read_out`](Self::read_out) / [`write_in`](Self::write_in) let any framework compute it
+/// in between.
+///
+/// # Examples
+///
+/// Code generic over the connection names `K` in a bound:
+///
+/// ```
+/// use mhc::{Block, Connection, HcBlock, HcConfig, MhcBlock, MhcConfig};
+/// use mhc::rand::{SeedableRng, rngs::StdRng};
+/// use ndarray::Array3;
+///
+/// fn run<K: Connection>(block: &Block<f32, K>, x: &Array3<f32>) -> mhc::Result<Array3<f32>> {
+///     block.forward(x.view(), |u| u.mapv(f32::tanh))
+/// }
+///
+/// let x = Array3::<f32>::ones((3, 4, 8));
+/// let m = MhcBlock::<f32>::new(MhcConfig::new(4, 8), &mut StdRng::seed_from_u64(0))?;
+/// let h = HcBlock::<f32>::new(HcConfig::new(4, 8))?;
+/// assert_eq!(run(&m, &x)?.shape(), run(&h, &x)?.shape());
+/// # Ok::<(), mhc::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Block<F: Float, K: Connection> {
+    config: K::Config,
+    params: K::Params<F>,
+    /// Whatever the connection derives once from its parameters (HC: θ as one matrix).
+    cache: K::Cache<F>,
+}
+
+pub(crate) mod sealed {
+    /// Implemented by the crate's connections only.
+    pub trait Sealed {}
+    impl Sealed for super::Mhc {}
+}
+
+/// The connection a [`Block`] computes: [`Mhc`] or [`Hc`](crate::Hc).
+///
+/// Sealed: the crate's mapping kernels implement it. Name it in bounds to write code generic
+/// over the connection (see [`Block`]); its items other than [`Config`](Self::Config) and
+/// [`Params`](Self::Params) are the crate's plumbing.
+// The kernel type is crate-internal: a user can neither implement this trait nor name it.
+#[allow(private_bounds)]
+pub trait Connection: sealed::Sealed + Copy + fmt::Debug + Send + Sync + 'static {
+    /// The configuration: [`MhcConfig`] or [`HcConfig`](crate::HcConfig).
+    type Config: Copy + fmt::Debug + PartialEq + Send + Sync;
+    /// The parameters and, in the same layout, their gradients: [`MhcParams`] or [`HcParams`](crate::HcParams).
+    type Params<F: Float>: Clone + fmt::Debug + Send + Sync;
+    #[doc(hidden)]
+    type Cache<F: Float>: Clone + fmt::Debug + Send + Sync;
+    #[doc(hidden)]
+    type Kernel<'a, F: Float>: MappingKernel<F>;
+    #[doc(hidden)]
+    fn dims(config: &Self::Config) -> (usize, usize);
+    /// Validates `config` and checks `params` against it, into the block's parameters (in
+    /// standard layout) and cache.
+    #[doc(hidden)]
+    fn build<F: Float>(
+        config: &Self::Config,
+        params: Self::Params<F>,
+    ) -> Result<(Self::Params<F>, Self::Cache<F>)>;
+    #[doc(hidden)]
+    fn kernel<'a, F: Float>(
+        config: &'a Self::Config,
+        params: &'a Self::Params<F>,
+        cache: &'a Self::Cache<F>,
+    ) -> Self::Kernel<'a, F>;
+    /// The parameters' gradients from the projection weight's gradient and the accumulator of
+    /// the small parameters' gradients.
+    #[doc(hidden)]
+    fn grads<F: Float>(config: &Self::Config, dw: Vec<F>, acc: Vec<F>) -> Self::Params<F>;
+}
+
+/// mHC (paper Eq. 7, 8): sigmoid read-out and write-in, Sinkhorn-Knopp `H_res`; the connection
+/// of [`MhcBlock`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Mhc;
+
+impl Connection for Mhc {
+    type Config = MhcConfig;
+    type Params<F: Float> = MhcParams<F>;
+    type Cache<F: Float> = ();
+    type Kernel<'a, F: Float> = MhcKernel<'a, F>;
+
+    fn dims(config: &MhcConfig) -> (usize, usize) {
+        (config.streams, config.dim)
+    }
+
+    fn build<F: Float>(config: &MhcConfig, params: MhcParams<F>) -> Result<(MhcParams<F>, ())> {
+        config.validate()?;
+        let (n, c, m) = (config.streams, config.dim, config.mapping_width());
+        check_same("phi", &[n * c, m], params.phi.shape())?;
+        check_same("bias", &[m], params.bias.shape())?;
+        let phi = params.phi.as_standard_layout().into_owned();
+        check_finite("phi", 1, phi.as_slice().expect("standard layout"))?;
+        check_finite("alpha", 1, &params.alpha)?;
+        check_finite("bias", 1, &params.bias.to_vec())?;
+        let bias = params.bias.as_standard_layout().into_owned();
+        Ok((
+            MhcParams {
+                phi,
+                bias,
+                ..params
+            },
+            (),
+        ))
+    }
+
+    fn kernel<'a, F: Float>(
+        config: &'a MhcConfig,
+        params: &'a MhcParams<F>,
+        _: &'a (),
+    ) -> MhcKernel<'a, F> {
+        MhcKernel {
+            n: config.streams,
+            c: config.dim,
+            phi: params
+                .phi
+                .as_slice()
+                .expect("standard layout by construction"),
+            alpha: params.alpha,
+            bias: params
+                .bias
+                .as_slice()
+                .expect("standard layout by construction"),
+            rms_eps: F::from_f64(config.rms_eps),
+            pre_eps: F::from_f64(config.pre_eps),
+            sinkhorn: config.sinkhorn,
+        }
+    }
+
+    fn grads<F: Float>(config: &MhcConfig, dw: Vec<F>, acc: Vec<F>) -> MhcParams<F> {
+        let (n, c, m) = (config.streams, config.dim, config.mapping_width());
+        MhcParams {
+            phi: Array2::from_shape_vec((n * c, m), dw).expect("[n·C, m]"),
+            alpha: [acc[0], acc[1], acc[2]],
+            bias: Array1::from(acc[3..].to_vec()),
+        }
+    }
+}
 
 /// An mHC block (paper Eq. 3, 7, 8): `n` residual streams read out into a sublayer and mixed by
 /// a per-token doubly-stochastic `H_res`.
@@ -234,13 +364,9 @@ impl<F: Float> MhcParams<F> {
 /// assert_eq!(out.shape(), &[3, 4, 8]);
 /// # Ok::<(), mhc::Error>(())
 /// ```
-#[derive(Clone, Debug)]
-pub struct MhcBlock<F> {
-    config: MhcConfig,
-    params: MhcParams<F>,
-}
+pub type MhcBlock<F> = Block<F, Mhc>;
 
-impl<F: Float> MhcBlock<F> {
+impl<F: Float> Block<F, Mhc> {
     /// A block with the paper's initialisation: `alpha = config.alpha_init` (0.01), φ drawn from
     /// `N(0, phi_std²)` with `rng`, the bias from `config.bias_init`.
     ///
@@ -271,14 +397,17 @@ impl<F: Float> MhcBlock<F> {
         };
         Self::from_params(config, params)
     }
+}
 
+impl<F: Float, K: Connection> Block<F, K> {
     /// A block with the given parameters, shape-checked against `config`.
     ///
     /// # Errors
     ///
-    /// The errors of [`MhcConfig::validate`]; [`Error::ShapeMismatch`] if `phi` is not
-    /// `[n·C, n² + 2n]` or `bias` not `[n² + 2n]`; [`Error::NonFinite`] for a NaN or infinite
-    /// parameter (`index`: the flat position).
+    /// The errors of the configuration's `validate` ([`MhcConfig::validate`],
+    /// [`HcConfig::validate`](crate::HcConfig::validate)); [`Error::ShapeMismatch`] naming the parameter of the wrong shape
+    /// (mHC: `phi` is `[n·C, n² + 2n]`, `bias` `[n² + 2n]`; HC: see [`HcParams`](crate::HcParams));
+    /// [`Error::NonFinite`] for a NaN or infinite parameter (`index`: the flat position).
     ///
     /// # Examples
     ///
@@ -286,30 +415,26 @@ impl<F: Float> MhcBlock<F> {
     /// let params = mhc::MhcParams::<f32>::zeros(2, 3);
     /// let block = mhc::MhcBlock::from_params(mhc::MhcConfig::new(2, 3), params)?;
     /// assert_eq!(block.config().streams, 2);
+    /// let hc = mhc::HcBlock::from_params(mhc::HcConfig::new(2, 3), mhc::HcParams::<f32>::init(2, 3, 0, 0.01))?;
+    /// assert_eq!(hc.config().streams, 2);
     /// # Ok::<(), mhc::Error>(())
     /// ```
-    pub fn from_params(config: MhcConfig, params: MhcParams<F>) -> Result<Self> {
-        config.validate()?;
-        let (n, c, m) = (config.streams, config.dim, config.mapping_width());
-        check_same("phi", &[n * c, m], params.phi.shape())?;
-        check_same("bias", &[m], params.bias.shape())?;
-        let phi = params.phi.as_standard_layout().into_owned();
-        check_finite("phi", 1, phi.as_slice().expect("standard layout"))?;
-        check_finite("alpha", 1, &params.alpha)?;
-        check_finite("bias", 1, &params.bias.to_vec())?;
-        Ok(MhcBlock {
+    pub fn from_params(config: K::Config, params: K::Params<F>) -> Result<Self> {
+        let (params, cache) = K::build(&config, params)?;
+        Ok(Block {
             config,
-            params: MhcParams { phi, ..params },
+            params,
+            cache,
         })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &MhcConfig {
+    pub fn config(&self) -> &K::Config {
         &self.config
     }
 
     /// The parameters.
-    pub fn params(&self) -> &MhcParams<F> {
+    pub fn params(&self) -> &K::Params<F> {
         &self.params
     }
 
@@ -318,30 +443,13 @@ impl<F: Float> MhcBlock<F> {
     /// # Errors
     ///
     /// As [`from_params`](Self::from_params); on error the block is unchanged.
-    pub fn set_params(&mut self, params: MhcParams<F>) -> Result<()> {
+    pub fn set_params(&mut self, params: K::Params<F>) -> Result<()> {
         *self = Self::from_params(self.config, params)?;
         Ok(())
     }
 
-    pub(crate) fn kernel(&self) -> MhcKernel<'_, F> {
-        MhcKernel {
-            n: self.config.streams,
-            c: self.config.dim,
-            phi: self
-                .params
-                .phi
-                .as_slice()
-                .expect("standard layout by construction"),
-            alpha: self.params.alpha,
-            bias: self
-                .params
-                .bias
-                .as_slice()
-                .expect("1-D arrays we built are contiguous"),
-            rms_eps: F::from_f64(self.config.rms_eps),
-            pre_eps: F::from_f64(self.config.pre_eps),
-            sinkhorn: self.config.sinkhorn,
-        }
+    pub(crate) fn kernel(&self) -> K::Kernel<'_, F> {
+        K::kernel(&self.config, &self.params, &self.cache)
     }
 
     /// The mappings `H_pre`, `H_post`, `H_res` of every token (Eq. 7–8).
@@ -447,7 +555,8 @@ impl<F: Float> MhcBlock<F> {
         maps: &Mappings<F>,
         y: ArrayView2<F>,
     ) -> Result<Array3<F>> {
-        check_x(x.shape(), self.config.streams, self.config.dim)?;
+        let (n, c) = K::dims(&self.config);
+        check_x(x.shape(), n, c)?;
         mixing::write_in(x, maps, y)
     }
 
@@ -545,7 +654,7 @@ impl<F: Float> MhcBlock<F> {
         y: ArrayView2<F>,
         upstream: ArrayView3<F>,
         sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
-    ) -> Result<(Array3<F>, MhcParams<F>)> {
+    ) -> Result<(Array3<F>, K::Params<F>)> {
         let g = backward::backward(&self.kernel(), x, y, upstream, sublayer_vjp)?;
         Ok(self.params_grad(g))
     }
@@ -608,7 +717,7 @@ impl<F: Float> MhcBlock<F> {
         x: ArrayView3<F>,
         tape: Tape<F>,
         du: ArrayView2<F>,
-    ) -> Result<(Array3<F>, MhcParams<F>)> {
+    ) -> Result<(Array3<F>, K::Params<F>)> {
         let g = backward::read_out_backward(&self.kernel(), x, tape, du)?;
         Ok(self.params_grad(g))
     }
@@ -681,7 +790,7 @@ impl<F: Float> MhcBlock<F> {
         sublayer_vjp: impl FnOnce(ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
         tape: &mut Tape<F>,
         dx: ArrayViewMut3<F>,
-    ) -> Result<MhcParams<F>> {
+    ) -> Result<K::Params<F>> {
         let (dw, acc) =
             backward::backward_into(&self.kernel(), x, y, upstream, sublayer_vjp, tape, dx)?;
         Ok(self.grads(dw, acc))
@@ -743,12 +852,25 @@ impl<F: Float> MhcBlock<F> {
         tape: &mut Tape<F>,
         du: ArrayView2<F>,
         dx: ArrayViewMut3<F>,
-    ) -> Result<MhcParams<F>> {
+    ) -> Result<K::Params<F>> {
         let (dw, acc) =
             backward::read_out_backward_into(&self.kernel(), x, tape, du, Default::default(), dx)?;
         Ok(self.grads(dw, acc))
     }
 
+    fn params_grad(&self, g: RawGrads<F>) -> (Array3<F>, K::Params<F>) {
+        (g.dx, self.grads(g.dw, g.acc))
+    }
+
+    /// The parameters' gradients from the projection weight's gradient and the accumulator.
+    pub(crate) fn grads(&self, dw: Vec<F>, acc: Vec<F>) -> K::Params<F> {
+        K::grads(&self.config, dw, acc)
+    }
+}
+
+/// The chain primitives (SPEC §8): what [`MhcStack`](crate::MhcStack) is built on, for models
+/// that run their own layer loop.
+impl<F: Float> Block<F, Mhc> {
     /// The read-out of a block inside a chain (SPEC §8): this block's mappings from `x`, and the
     /// sublayer input `u` read out with `prev_pre` when given (the shifted schedule: the previous
     /// block's `H_pre`, or [`initial_pre`](crate::initial_pre) for the first block), with this
@@ -967,23 +1089,5 @@ impl<F: Float> MhcBlock<F> {
         let (dw, acc) =
             backward::read_out_backward_linked_into(&self.kernel(), x, tape, du, link, dx)?;
         Ok(self.grads(dw, acc))
-    }
-
-    fn params_grad(&self, g: RawGrads<F>) -> (Array3<F>, MhcParams<F>) {
-        (g.dx, self.grads(g.dw, g.acc))
-    }
-
-    /// The parameters' gradients from the projection weight's gradient and the accumulator.
-    pub(crate) fn grads(&self, dw: Vec<F>, acc: Vec<F>) -> MhcParams<F> {
-        let (n, c, m) = (
-            self.config.streams,
-            self.config.dim,
-            self.config.mapping_width(),
-        );
-        MhcParams {
-            phi: Array2::from_shape_vec((n * c, m), dw).expect("[n·C, m]"),
-            alpha: [acc[0], acc[1], acc[2]],
-            bias: Array1::from(acc[3..].to_vec()),
-        }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::float::Float;
+
 /// Everything that can go wrong in `mhc`: bad shapes, bad configuration, non-finite data.
 ///
 /// Every fallible function in the crate returns `Result<_, mhc::Error>`; none of them panics on
@@ -254,4 +256,61 @@ pub(crate) fn reuse<F: Copy + Default>(
         *v = try_zeroed(what, len)?;
     }
     Ok(())
+}
+
+/// [`Error::ShapeMismatch`] unless `got == expected`.
+pub(crate) fn check_same(what: &'static str, expected: &[usize], got: &[usize]) -> Result<()> {
+    if expected != got {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// [`Error::NonFinite`] naming the first `entry_len`-sized entry of `data` holding a NaN or
+/// infinity.
+pub(crate) fn check_finite<F: Float>(
+    what: &'static str,
+    entry_len: usize,
+    data: &[F],
+) -> Result<()> {
+    if crate::reduce::all_finite(data) {
+        return Ok(());
+    }
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(p) => Err(Error::NonFinite {
+            what,
+            index: p / entry_len.max(1),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// [`Error::InvalidEpsilon`] unless `v` is finite and positive.
+pub(crate) fn positive(what: &'static str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidEpsilon {
+            what,
+            expected: "finite and > 0",
+            got: v,
+        })
+    }
+}
+
+/// [`Error::InvalidEpsilon`] unless `v` is finite and non-negative.
+pub(crate) fn non_negative(what: &'static str, v: f64) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidEpsilon {
+            what,
+            expected: "finite and >= 0",
+            got: v,
+        })
+    }
 }

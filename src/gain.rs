@@ -10,9 +10,9 @@
 use ndarray::{Array2, ArrayView2, Axis};
 
 use crate::Float;
+use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::mappings::Mappings;
-use crate::sinkhorn::check_finite;
 
 /// Amax gains of one matrix (paper §3.1).
 #[derive(Clone, Copy, Debug, PartialEq)]

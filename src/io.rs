@@ -206,7 +206,7 @@ fn field<T: std::str::FromStr>(cfg: &HashMap<String, String>, key: &str, name: &
 
 /// One block to save, with its prefix.
 #[derive(Clone, Copy, Debug)]
-pub enum Saved<'a, F> {
+pub enum Saved<'a, F: Float> {
     /// An mHC block.
     Mhc(&'a str, &'a MhcBlock<F>),
     /// An HC block.

@@ -12,8 +12,10 @@
 //! - [`SinkhornKnopp`]: the projector onto the Birkhoff polytope (paper Eq. 9), forward and VJP.
 //! - [`MhcBlock`]: the mHC block (Eq. 3, 7, 8), split into a fused read-out (mappings and the
 //!   sublayer input) and a write-in, so that any sublayer from any framework plugs in between.
-//! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention; HC
-//!   shares the [`mixing`] kernels with mHC.
+//! - [`HcBlock`] and [`ResidualBlock`]: the baselines, behind the same calling convention.
+//!   `MhcBlock` and `HcBlock` are one type, [`Block`], over the [`Connection`] ([`Mhc`] or
+//!   [`Hc`]): one implementation of the read-out, write-in, backward and the [`mixing`]
+//!   kernels, with only the mappings differing.
 //! - [`MhcStack`]: chains of blocks under the paper's [`Schedule::Current`] and DeepSeek-V4.1's
 //!   single-pass [`Schedule::Shifted`] (SPEC §8), with a fused seam kernel between blocks
 //!   ([`MhcBlock::write_in_seam_into`]) and the cross-block gradient of `H_pre`.
@@ -54,6 +56,7 @@ pub mod gain;
 mod hc;
 #[cfg(feature = "safetensors")]
 pub mod io;
+mod kernel;
 mod linalg;
 pub mod mappings;
 pub mod mixing;
@@ -67,10 +70,10 @@ mod stack;
 pub mod streams;
 
 pub use backward::{ChainLink, Tape};
-pub use block::{BiasInit, MhcBlock, MhcConfig, MhcParams};
+pub use block::{BiasInit, Block, Connection, Mhc, MhcBlock, MhcConfig, MhcParams};
 pub use error::{Error, Result};
 pub use float::Float;
-pub use hc::{HcBlock, HcConfig, HcParams};
+pub use hc::{Hc, HcBlock, HcConfig, HcParams};
 pub use mappings::Mappings;
 pub use mlp::{Mlp, MlpGrads};
 pub use residual::ResidualBlock;

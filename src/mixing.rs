@@ -9,13 +9,116 @@
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use crate::error::{Error, Result};
-use crate::mappings::Mappings;
-use crate::sinkhorn::check_same;
+use crate::error::{Error, Result, check_same, try_zeroed};
 use crate::{Float, par};
 
-pub(crate) use crate::reduce::all_finite;
 use crate::reduce::dot;
+pub(crate) use crate::reduce::{all_finite, with_slice_mut};
+
+/// The mappings of a block for `T` tokens (paper Eq. 3): `H_pre`, `H_post` and `H_res`.
+///
+/// # Shapes
+///
+/// - `pre`: `[T, n]`, the read-out weights (`u_t = Σ_j pre[t][j] x_t[j]`)
+/// - `post`: `[T, n]`, the write-in weights of the sublayer output
+/// - `res`: `[T, n, n]`, `res[t][i][j]` the weight of input stream `j` in output stream `i`
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mappings<F> {
+    /// `H_pre`: `[T, n]`.
+    pub pre: Array2<F>,
+    /// `H_post`: `[T, n]`.
+    pub post: Array2<F>,
+    /// `H_res`: `[T, n, n]`.
+    pub res: Array3<F>,
+}
+
+impl<F: Float> Mappings<F> {
+    /// All-zero mappings for `t` tokens and `n` streams (a buffer for the `*_into` calls).
+    ///
+    /// # Panics
+    ///
+    /// If `t·n·n` overflows `usize` or cannot be allocated (the crate's own calls check both
+    /// and return an error instead).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let m = mhc::Mappings::<f32>::zeros(5, 4);
+    /// assert_eq!(m.res.shape(), &[5, 4, 4]);
+    /// ```
+    pub fn zeros(t: usize, n: usize) -> Self {
+        Mappings {
+            pre: Array2::zeros((t, n)),
+            post: Array2::zeros((t, n)),
+            res: Array3::zeros((t, n, n)),
+        }
+    }
+
+    /// `H_pre = 1/n`, `H_post = 1`, `H_res = I`: the mixing that leaves the streams alone and
+    /// adds the sublayer output to each.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let m = mhc::Mappings::<f64>::identity(1, 2);
+    /// assert_eq!(m.res[[0, 1, 1]], 1.0);
+    /// assert_eq!(m.pre[[0, 0]], 0.5);
+    /// ```
+    pub fn identity(t: usize, n: usize) -> Self {
+        let inv = F::one() / F::from_usize(n.max(1));
+        Mappings {
+            pre: Array2::from_elem((t, n), inv),
+            post: Array2::ones((t, n)),
+            res: Array3::from_shape_fn(
+                (t, n, n),
+                |(_, i, j)| if i == j { F::one() } else { F::zero() },
+            ),
+        }
+    }
+
+    /// [`Self::zeros`] with the sizes checked and allocation failure reported.
+    pub(crate) fn try_zeros(t: usize, n: usize) -> Result<Self> {
+        let tn = crate::error::checked_size("mappings", &[t, n])?;
+        let tnn = crate::error::checked_size("mappings", &[t, n, n])?;
+        Ok(Mappings {
+            pre: Array2::from_shape_vec((t, n), try_zeroed("pre", tn)?).expect("t·n"),
+            post: Array2::from_shape_vec((t, n), try_zeroed("post", tn)?).expect("t·n"),
+            res: Array3::from_shape_vec((t, n, n), try_zeroed("res", tnn)?).expect("t·n·n"),
+        })
+    }
+
+    /// Number of tokens `T`.
+    pub fn tokens(&self) -> usize {
+        self.pre.nrows()
+    }
+
+    /// Number of streams `n`.
+    pub fn streams(&self) -> usize {
+        self.pre.ncols()
+    }
+
+    /// Reallocates any field that is not `[t, n]` / `[t, n, n]` in standard layout, so that the
+    /// kernels can write into contiguous slices.
+    pub(crate) fn ensure(&mut self, t: usize, n: usize) -> Result<()> {
+        let ok = |a: &[usize], s: &[usize], std: bool| a == s && std;
+        if !(ok(self.pre.shape(), &[t, n], self.pre.is_standard_layout())
+            && ok(self.post.shape(), &[t, n], self.post.is_standard_layout())
+            && ok(self.res.shape(), &[t, n, n], self.res.is_standard_layout()))
+        {
+            *self = Self::try_zeros(t, n)?;
+        }
+        Ok(())
+    }
+
+    /// The three fields as contiguous mutable slices (after [`Self::ensure`]).
+    pub(crate) fn slices_mut(&mut self) -> (&mut [F], &mut [F], &mut [F]) {
+        (
+            self.pre.as_slice_mut().expect("standard layout"),
+            self.post.as_slice_mut().expect("standard layout"),
+            self.res.as_slice_mut().expect("standard layout"),
+        )
+    }
+}
 
 /// `u = Σ_j pre[j] · x[j]` for one token (`x`: `n·c`, `u`: `c`).
 #[inline(always)]
@@ -137,20 +240,6 @@ pub(crate) fn blame<F: Float>(
         .find(|(_, v)| !all_finite(v))
         .map_or(result, |(w, _)| w);
     Error::NonFinite { what, index: t }
-}
-
-/// Runs `f` on `view` as a contiguous slice, through a temporary when it is not contiguous.
-pub(crate) fn with_slice_mut<F: Float, D: ndarray::Dimension>(
-    mut view: ndarray::ArrayViewMut<F, D>,
-    f: impl FnOnce(&mut [F]) -> Result<()>,
-) -> Result<()> {
-    if let Some(s) = view.as_slice_mut() {
-        return f(s);
-    }
-    let mut tmp = view.as_standard_layout().into_owned();
-    f(tmp.as_slice_mut().expect("standard layout"))?;
-    view.assign(&tmp);
-    Ok(())
 }
 
 /// Checks `x: [T, n, C]` against the block's `n` and `C`.

@@ -8,10 +8,10 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::Float;
+use crate::error::check_same;
 use crate::error::{Error, Result};
 use crate::linalg::{matmul, matmul_into};
 use crate::mappings::rms;
-use crate::sinkhorn::check_same;
 
 /// `sqrt(2/π)`, the tanh-GELU constant.
 const GELU_K: f64 = 0.797_884_560_802_865_4;

@@ -3,9 +3,9 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::Float;
+use crate::error::check_same;
 use crate::error::{Error, Result};
 use crate::mixing::{all_finite, blame};
-use crate::sinkhorn::check_same;
 
 /// A plain residual block on `[T, C]`: `out = x + F(x)` (SPEC §4), with the calling convention
 /// of [`MhcBlock`](crate::MhcBlock) and [`HcBlock`](crate::HcBlock) so that benches and

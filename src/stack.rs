@@ -13,9 +13,9 @@
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
 use crate::backward::reuse2;
+use crate::error::check_same;
 use crate::error::{Error, Result, checked_size, try_zeroed};
 use crate::mixing::check_x;
-use crate::sinkhorn::check_same;
 use crate::{ChainLink, Float, Mappings, MhcBlock, MhcParams, Tape};
 
 /// Which read-out weights feed a chained block's sublayer (SPEC §8).
@@ -138,7 +138,7 @@ type Run<F> = (Array3<F>, Array2<F>, Option<StackTape<F>>);
 /// # Ok::<(), mhc::Error>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct MhcStack<F> {
+pub struct MhcStack<F: Float> {
     blocks: Vec<MhcBlock<F>>,
     schedule: Schedule,
 }

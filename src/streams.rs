@@ -134,15 +134,15 @@ impl<F: Float> LearnedCollapse<F> {
             }
         }
         let nc = checked_size("phi", &[streams, dim])?;
-        crate::sinkhorn::check_same("phi", &[nc, streams], phi.shape())?;
-        crate::sinkhorn::check_same("bias", &[streams], bias.shape())?;
-        crate::block::positive("rms_eps", rms_eps)?;
-        crate::block::non_negative("pre_eps", pre_eps)?;
+        crate::error::check_same("phi", &[nc, streams], phi.shape())?;
+        crate::error::check_same("bias", &[streams], bias.shape())?;
+        crate::error::positive("rms_eps", rms_eps)?;
+        crate::error::non_negative("pre_eps", pre_eps)?;
         let phi = phi.as_standard_layout().into_owned();
-        crate::sinkhorn::check_finite("phi", 1, phi.as_slice().expect("standard"))?;
-        crate::sinkhorn::check_finite("scale", 1, &[scale])?;
+        crate::error::check_finite("phi", 1, phi.as_slice().expect("standard"))?;
+        crate::error::check_finite("scale", 1, &[scale])?;
         let bias = bias.as_standard_layout().into_owned();
-        crate::sinkhorn::check_finite("bias", 1, bias.as_slice().expect("standard"))?;
+        crate::error::check_finite("bias", 1, bias.as_slice().expect("standard"))?;
         Ok(LearnedCollapse {
             streams,
             dim,

@@ -19,7 +19,7 @@ mod shuffle;
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use crate::error::{Error, Result, reuse, try_zeroed};
+use crate::error::{Error, Result, check_finite, check_same, reuse, try_zeroed};
 use crate::{Float, par};
 use lanes::{BATCH, GROUPS, Plan};
 
@@ -450,7 +450,7 @@ impl SinkhornKnopp {
         let u = u.as_slice().expect("standard layout");
         check_finite("logits", n * n, l)?;
         check_finite("upstream", n * n, u)?;
-        crate::mixing::with_slice_mut(grad, |g| self.vjp_batch_slices(n, l, u, g))
+        crate::reduce::with_slice_mut(grad, |g| self.vjp_batch_slices(n, l, u, g))
     }
 
     /// Contiguous batch VJP, parallel over fixed chunks. Inputs already validated and finite.
@@ -611,37 +611,6 @@ fn single_matrix(e: Error) -> Error {
             got: got[1..].to_vec(),
         },
         e => e,
-    }
-}
-
-/// [`Error::ShapeMismatch`] unless `got == expected`.
-pub(crate) fn check_same(what: &'static str, expected: &[usize], got: &[usize]) -> Result<()> {
-    if expected != got {
-        return Err(Error::ShapeMismatch {
-            what,
-            expected: expected.to_vec(),
-            got: got.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-/// [`Error::NonFinite`] naming the first `entry_len`-sized entry of `data` holding a NaN or
-/// infinity.
-pub(crate) fn check_finite<F: Float>(
-    what: &'static str,
-    entry_len: usize,
-    data: &[F],
-) -> Result<()> {
-    if crate::reduce::all_finite(data) {
-        return Ok(());
-    }
-    match data.iter().position(|v| !v.is_finite()) {
-        Some(p) => Err(Error::NonFinite {
-            what,
-            index: p / entry_len.max(1),
-        }),
-        None => Ok(()),
     }
 }
 
