@@ -12,13 +12,20 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use mhc::rand::{SeedableRng, rngs::StdRng};
-use mhc::{HcBlock, HcConfig, MhcBlock, MhcConfig, Mlp, ResidualBlock};
-use ndarray::{Array2, Array3};
+use mhc::{
+    HcBlock, HcConfig, MhcBlock, MhcConfig, MhcStack, Mlp, ResidualBlock, Schedule, StackTape,
+    StackWorkspace,
+};
+use ndarray::{Array2, Array3, ArrayView2};
 use rand_distr::{Distribution, StandardNormal};
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::median_ns;
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (4, 1024, 4096),
@@ -29,19 +36,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
 ];
 
 fn shapes() -> Vec<(usize, usize, usize)> {
-    match std::env::var("MHC_BENCH_SHAPES") {
-        Ok(s) => s
-            .split(',')
-            .map(|p| {
-                let v: Vec<usize> = p
-                    .split('_')
-                    .map(|f| f[1..].parse().expect("n{n}_c{C}_t{T}"))
-                    .collect();
-                (v[0], v[1], v[2])
-            })
-            .collect(),
-        Err(_) => SHAPES.to_vec(),
-    }
+    common::shapes(SHAPES)
 }
 
 fn randn(shape: (usize, usize), rng: &mut StdRng) -> Array2<f32> {
@@ -51,7 +46,16 @@ fn randn(shape: (usize, usize), rng: &mut StdRng) -> Array2<f32> {
     })
 }
 
+/// Whether the group `name` (`blocks` or `stack`) runs: `MHC_BENCH_GROUPS=stack` picks one;
+/// both by default.
+fn runs(name: &str) -> bool {
+    std::env::var("MHC_BENCH_GROUPS").map_or(true, |g| g.split(',').any(|v| v == name))
+}
+
 fn bench(c: &mut Criterion) {
+    if !runs("blocks") {
+        return;
+    }
     for (n, dim, t) in shapes() {
         let id = format!("n{n}_c{dim}_t{t}");
         let mut rng = StdRng::seed_from_u64(0);
@@ -127,12 +131,12 @@ fn bench(c: &mut Criterion) {
         );
 
         let rounds = 7;
-        let fw = paired(rounds, [&mut fwd_res, &mut fwd_hc, &mut fwd_mhc]);
-        let fb = paired(rounds, [&mut fb_res, &mut fb_hc, &mut fb_mhc]);
+        let fw = paired(rounds, &mut [&mut fwd_res, &mut fwd_hc, &mut fwd_mhc]);
+        let fb = paired(rounds, &mut [&mut fb_res, &mut fb_hc, &mut fb_mhc]);
         // The allocating methods (fresh `out`, `u`, tape and `∂x` every call), for comparison.
         let fb_alloc = paired(
             rounds,
-            [
+            &mut [
                 &mut fb_res,
                 &mut || {
                     let (out, y) = hc.forward_train(x.view(), f).unwrap();
@@ -148,8 +152,8 @@ fn bench(c: &mut Criterion) {
         );
         let pct = |v: f64| format!("{:+.1} %", v * 100.0);
         let ms = |o: &Overhead| {
-            let [r, h, m] = o.sublayer_ms;
-            format!("{r:.0} / {h:.0} / {m:.0}")
+            let v: Vec<String> = o.sublayer_ms.iter().map(|m| format!("{m:.0}")).collect();
+            v.join(" / ")
         };
         // One table row per variant (HC = 0, mHC = 1).
         for (v, rows) in PAIRED.lock().unwrap().iter_mut().enumerate() {
@@ -178,15 +182,6 @@ fn g_bench(c: &mut Criterion, group: &str, id: &str, f: [&mut dyn FnMut(); 3]) {
     g.finish();
 }
 
-/// Median (ns) of one benchmark from criterion's `estimates.json`.
-fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = format!("{dir}/criterion/{group}/{function}/{id}/new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
 /// Nanoseconds spent inside the sublayer (the MLP's forward and backward) since the last reset.
 static SUBLAYER_NS: AtomicU64 = AtomicU64::new(0);
 
@@ -198,53 +193,54 @@ fn sublayer<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Two estimates of the overhead of HC and mHC over the residual block.
+/// Two estimates of the overhead of each variant over the first (the residual).
 struct Overhead {
-    /// Median over rounds of `t_variant / t_residual − 1`, for HC and mHC.
-    ratio: [f64; 2],
+    /// Median over rounds of `t_variant / t_residual − 1`, one a variant after the first.
+    ratio: Vec<f64>,
     /// Median over rounds of `(own_variant − own_residual) / t_residual`, where `own` is a
     /// call's time minus the time spent inside the sublayer in that call.
-    attributed: [f64; 2],
-    /// Median time inside the sublayer per call (ms) under residual, HC and mHC.
-    sublayer_ms: [f64; 3],
+    attributed: Vec<f64>,
+    /// Median time inside the sublayer per call (ms), one a variant (the residual first).
+    sublayer_ms: Vec<f64>,
 }
 
-/// Interleaved, paired timing: each round times residual, HC and mHC back to back, so that
-/// the machine's load drifts alike for the three.
+/// Interleaved, paired timing: each round times the residual and every variant back to back,
+/// so that the machine's load drifts alike for all of them.
 ///
 /// The plain ratio carries the sublayer's own run-to-run noise (±10 % on the shared machine,
 /// larger than what is being measured); the attributed estimate subtracts, call by call, the
 /// time spent inside the identical sublayer, leaving each block's own work, and divides the
 /// difference by the residual block's total time. The two agree in expectation when the
 /// sublayer costs the same under every block, which is what "identical sublayer" means.
-fn paired(rounds: usize, mut f: [&mut dyn FnMut(); 3]) -> Overhead {
-    let (mut ratio, mut attr) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    let mut sub: [Vec<f64>; 3] = Default::default();
+fn paired(rounds: usize, f: &mut [&mut dyn FnMut()]) -> Overhead {
+    let k = f.len();
+    let (mut ratio, mut attr) = (vec![Vec::new(); k - 1], vec![Vec::new(); k - 1]);
+    let mut sub = vec![Vec::new(); k];
     for _ in 0..rounds {
-        let mut t = [0.0; 3];
-        let mut own = [0.0; 3];
-        for (k, g) in f.iter_mut().enumerate() {
+        let mut t = vec![0.0; k];
+        let mut own = vec![0.0; k];
+        for (i, g) in f.iter_mut().enumerate() {
             SUBLAYER_NS.store(0, Ordering::Relaxed);
             let s = Instant::now();
             g();
-            t[k] = s.elapsed().as_secs_f64();
+            t[i] = s.elapsed().as_secs_f64();
             let inside = SUBLAYER_NS.load(Ordering::Relaxed) as f64 * 1e-9;
-            own[k] = t[k] - inside;
-            sub[k].push(inside * 1e3);
+            own[i] = t[i] - inside;
+            sub[i].push(inside * 1e3);
         }
-        for v in 0..2 {
+        for v in 0..k - 1 {
             ratio[v].push(t[v + 1] / t[0] - 1.0);
             attr[v].push((own[v + 1] - own[0]) / t[0]);
         }
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     Overhead {
-        ratio: ratio.map(|mut v| median(&mut v)),
-        attributed: attr.map(|mut v| median(&mut v)),
-        sublayer_ms: sub.map(|mut v| median(&mut v)),
+        ratio: ratio.into_iter().map(median).collect(),
+        attributed: attr.into_iter().map(median).collect(),
+        sublayer_ms: sub.into_iter().map(median).collect(),
     }
 }
 
@@ -293,7 +289,158 @@ fn report() {
 /// The paired tables' rows, HC's then mHC's.
 static PAIRED: std::sync::Mutex<[Vec<String>; 2]> = std::sync::Mutex::new([Vec::new(), Vec::new()]);
 
-criterion_group!(benches, bench);
+/// Blocks a chain in the stack benches.
+const BLOCKS: usize = 4;
+
+/// The stack benches' shapes (issue 13: n ∈ {2, 4, 8} at C = 1024, T = 4096).
+const STACK_SHAPES: &[(usize, usize, usize)] = &[(4, 1024, 4096), (2, 1024, 4096), (8, 1024, 4096)];
+
+/// Chains of [`BLOCKS`] blocks around the same MLP in every sublayer: a residual chain against
+/// `MhcStack` under both schedules, forward (`forward_into`) and forward + backward
+/// (`forward_train_into` + `backward_into`), every buffer reused.
+fn bench_stack(c: &mut Criterion) {
+    if !runs("stack") {
+        return;
+    }
+    for (n, dim, t) in common::shapes(STACK_SHAPES) {
+        let id = format!("n{n}_c{dim}_t{t}");
+        let mut rng = StdRng::seed_from_u64(0);
+        let mlp = Mlp::<f32>::new(dim, 4 * dim, &mut rng).unwrap();
+        let h = randn((t, dim), &mut rng);
+        let x = mhc::expand(h.view(), n).unwrap();
+        let up3 =
+            Array3::from_shape_fn((t, n, dim), |(i, j, k)| h[[i, k]] * (j as f32 + 1.0) * 0.1);
+        let up2 = h.mapv(|v| v * 0.1);
+        let residual = ResidualBlock::new(dim).unwrap();
+        let blocks: Vec<MhcBlock<f32>> = (0..BLOCKS)
+            .map(|_| MhcBlock::new(MhcConfig::new(n, dim), &mut rng).unwrap())
+            .collect();
+        let current = MhcStack::new(blocks.clone(), Schedule::Current).unwrap();
+        let shifted = MhcStack::new(blocks, Schedule::Shifted).unwrap();
+        let mlp = &mlp;
+        let f = |_l: usize, u: ArrayView2<f32>| sublayer(|| mlp.forward(u).unwrap());
+        let vjp = |_l: usize, u: ArrayView2<f32>, dy: ArrayView2<f32>| {
+            sublayer(|| mlp.backward(u, dy).unwrap()).0
+        };
+
+        let mut fwd_res = || {
+            let mut a = h.clone();
+            for l in 0..BLOCKS {
+                a = residual.forward(a.view(), |u| f(l, u)).unwrap();
+            }
+            drop(black_box(a));
+        };
+        let mut fb_res = || {
+            let mut hs = Vec::with_capacity(BLOCKS + 1);
+            hs.push(h.clone());
+            for l in 0..BLOCKS {
+                let next = residual.forward(hs[l].view(), |u| f(l, u)).unwrap();
+                hs.push(next);
+            }
+            let mut g = up2.clone();
+            for l in (0..BLOCKS).rev() {
+                let du = vjp(l, hs[l].view(), g.view());
+                g += &du;
+            }
+            drop(black_box(g));
+        };
+        let state = || {
+            RefCell::new((
+                StackTape::default(),
+                StackWorkspace::default(),
+                Array3::zeros((t, n, dim)),
+                Array2::zeros((t, n)),
+                Array3::zeros((t, n, dim)),
+            ))
+        };
+        let (st_cur, st_sh) = (state(), state());
+        let fwd = |stack: &MhcStack<f32>, st: &StackState| {
+            let (_, ws, out, pre, _) = &mut *st.borrow_mut();
+            stack
+                .forward_into(x.view(), f, ws, out.view_mut(), pre.view_mut())
+                .unwrap();
+            black_box(&out);
+        };
+        let fb = |stack: &MhcStack<f32>, st: &StackState| {
+            let (tape, ws, out, pre, dx) = &mut *st.borrow_mut();
+            stack
+                .forward_train_into(x.view(), f, tape, out.view_mut(), pre.view_mut())
+                .unwrap();
+            let g = stack.backward_into(tape, up3.view(), None, vjp, ws, dx.view_mut());
+            drop(black_box(g.unwrap()));
+        };
+        let mut fwd_cur = || fwd(&current, &st_cur);
+        let mut fwd_sh = || fwd(&shifted, &st_sh);
+        let mut fb_cur = || fb(&current, &st_cur);
+        let mut fb_sh = || fb(&shifted, &st_sh);
+        for (group, fs) in [
+            (
+                "stack_forward",
+                [&mut fwd_res as &mut dyn FnMut(), &mut fwd_cur, &mut fwd_sh],
+            ),
+            (
+                "stack_forward_backward",
+                [&mut fb_res, &mut fb_cur, &mut fb_sh],
+            ),
+        ] {
+            let mut g = c.benchmark_group(group);
+            g.sample_size(10);
+            for (name, f) in ["residual", "current", "shifted"].into_iter().zip(fs) {
+                g.bench_function(BenchmarkId::new(name, &id), |b| b.iter(&mut *f));
+            }
+            g.finish();
+        }
+        let rounds = 5;
+        let fw = paired(rounds, &mut [&mut fwd_res, &mut fwd_cur, &mut fwd_sh]);
+        let fbo = paired(rounds, &mut [&mut fb_res, &mut fb_cur, &mut fb_sh]);
+        let pct = |v: f64| format!("{:+.1} %", v * 100.0);
+        STACK_ROWS.lock().unwrap().push(format!(
+            "| {id} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            pct(fw.ratio[0]),
+            pct(fw.attributed[0]),
+            pct(fw.ratio[1]),
+            pct(fw.attributed[1]),
+            pct(fbo.ratio[0]),
+            pct(fbo.attributed[0]),
+            pct(fbo.ratio[1]),
+            pct(fbo.attributed[1]),
+        ));
+    }
+}
+
+/// A stack bench's reused buffers: tape, workspace, `x_L`, `pre_{L−1}`, `∂x_0`.
+type StackState = RefCell<(
+    StackTape<f32>,
+    StackWorkspace<f32>,
+    Array3<f32>,
+    Array2<f32>,
+    Array3<f32>,
+)>;
+
+/// The stack benches' paired rows.
+static STACK_ROWS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn report_stack() {
+    let rows = STACK_ROWS.lock().unwrap();
+    if rows.is_empty() {
+        return;
+    }
+    let mut out = format!(
+        "Chains of {BLOCKS} blocks around the same MLP, over a residual chain (paired rounds, median \
+         of 5; `attributed` subtracts the time inside the MLP):\n\n\
+         | shape | Current fwd ratio | Current fwd attributed | Shifted fwd ratio | Shifted fwd \
+         attributed | Current fwd+bwd ratio | Current fwd+bwd attributed | Shifted fwd+bwd ratio \
+         | Shifted fwd+bwd attributed |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows.iter() {
+        out += r;
+        out += "\n";
+    }
+    println!("\n{out}");
+    let _ = std::fs::write("target/criterion/overhead_stack.md", &out);
+}
+
+criterion_group!(benches, bench, bench_stack);
 
 fn main() {
     benches();
@@ -301,4 +448,5 @@ fn main() {
         .configure_from_args()
         .final_summary();
     report();
+    report_stack();
 }

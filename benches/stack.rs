@@ -19,30 +19,17 @@ use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule, Stage};
 use ndarray::{Array2, Array3, ArrayView2};
 use std::hint::black_box;
 
-const BLOCKS: usize = 4;
+#[path = "common/mod.rs"]
+mod common;
 
-fn shapes() -> Vec<(usize, usize, usize)> {
-    match std::env::var("MHC_BENCH_SHAPES") {
-        Ok(s) => s
-            .split(',')
-            .map(|p| {
-                let v: Vec<usize> = p
-                    .split('_')
-                    .map(|f| f[1..].parse().expect("n{n}_c{C}_t{T}"))
-                    .collect();
-                (v[0], v[1], v[2])
-            })
-            .collect(),
-        Err(_) => vec![(4, 1024, 4096)],
-    }
-}
+const BLOCKS: usize = 4;
 
 fn copy(_: usize, u: ArrayView2<f32>) -> Array2<f32> {
     u.to_owned()
 }
 
 fn bench(c: &mut Criterion) {
-    for (n, dim, t) in shapes() {
+    for (n, dim, t) in common::shapes(&[(4, 1024, 4096)]) {
         let id = format!("n{n}_c{dim}_t{t}");
         let mut rng = StdRng::seed_from_u64(0);
         let blocks: Vec<MhcBlock<f32>> = (0..BLOCKS)
@@ -118,17 +105,7 @@ fn bench(c: &mut Criterion) {
 }
 
 fn median(group: &str, name: &str, id: &str) -> Option<f64> {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let p = format!("{dir}/criterion/{group}/{name}/{id}/new/estimates.json");
-    let text = std::fs::read_to_string(p).ok()?;
-    let i = text.find("\"median\"")?;
-    let rest = &text[i..];
-    let j = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let num: String = rest[j..]
-        .chars()
-        .take_while(|ch| ch.is_ascii_digit() || matches!(ch, '.' | 'e' | 'E' | '-' | '+'))
-        .collect();
-    num.parse::<f64>().ok().map(|ns| ns / 1e6)
+    common::median_ns(group, name, id).map(|ns| ns / 1e6)
 }
 
 fn report(id: &str) {

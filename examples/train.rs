@@ -88,7 +88,7 @@ enum Mix {
 /// shifted stack its tape, `x_L` and the last `H_pre`.
 enum Saved {
     Layers(Vec<(Array3<f32>, Array2<f32>)>),
-    Stack(StackTape<f32>, Array3<f32>, Array2<f32>),
+    Stack(Box<StackTape<f32>>, Array3<f32>, Array2<f32>),
 }
 
 struct Net {
@@ -162,7 +162,7 @@ impl Net {
                 .expect("finite");
             // V4.1: the last block's H_pre reads out the final hidden state.
             let z = mhc::mixing::read_out(xl.view(), pre.view()).expect("shapes");
-            return (z.dot(&self.head), Saved::Stack(tape, xl, pre), z);
+            return (z.dot(&self.head), Saved::Stack(Box::new(tape), xl, pre), z);
         }
         let residual = matches!(self.mix[0], Mix::Residual);
         let mut x = if residual {

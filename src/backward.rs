@@ -93,6 +93,22 @@ pub(crate) fn reuse2<F: Float>(
     Ok(())
 }
 
+/// Makes `a` a standard-layout `[t, n, c]` array, reusing its allocation when the shape is
+/// unchanged.
+pub(crate) fn reuse3<F: Float>(
+    a: &mut Array3<F>,
+    what: &'static str,
+    t: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    if a.dim() != (t, n, c) || !a.is_standard_layout() {
+        let len = checked_size(what, &[t, n, c])?;
+        *a = Array3::from_shape_vec((t, n, c), try_zeroed(what, len)?).expect("t·n·c");
+    }
+    Ok(())
+}
+
 impl<F: Float> Tape<F> {
     /// Sizes every buffer for `t` tokens of a kernel with `n` streams of width `c`, `rpt`
     /// projection rows a token and `m` mapping outputs a row.
@@ -569,7 +585,9 @@ fn read_out_backward_slices<F: Float>(
             },
         )
     })?;
-    let mut it = parts.chunks(part_len);
+    // Only the tasks' partials: with no tokens there are none, and a reused tape's buffer holds
+    // the previous call's.
+    let mut it = parts[..ntasks * part_len].chunks(part_len);
     let mut total = it
         .next()
         .map(<[F]>::to_vec)

@@ -198,8 +198,8 @@ impl<F: Float> MhcParams<F> {
 ///
 /// One type for every connection, with the connection as a type parameter (ndarray's
 /// `ArrayBase<S, D>` behind `Array` and `ArrayView`): [`MhcBlock`] (`K =` [`Mhc`]) and
-/// [`HcBlock`](crate::HcBlock) (`K =` [`Hc`]) are aliases, and every method below is inherent, so no trait
-/// needs importing. The mapping kernel (mHC's projection, sigmoids and Sinkhorn-Knopp or HC's
+/// [`HcBlock`](crate::HcBlock) (`K =` [`Hc`](crate::Hc)) are aliases, and every method below
+/// is inherent, so no trait needs importing. The mapping kernel (mHC's projection, sigmoids and Sinkhorn-Knopp or HC's
 /// tanh mappings) is the only part that differs; the read-out, write-in, their fused and
 /// backward passes, chunking and parallelism are one implementation.
 ///

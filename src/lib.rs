@@ -78,7 +78,7 @@ pub use mappings::Mappings;
 pub use mlp::{Mlp, MlpGrads};
 pub use residual::ResidualBlock;
 pub use sinkhorn::SinkhornKnopp;
-pub use stack::{MhcStack, Schedule, StackTape, Stage, initial_pre};
+pub use stack::{MhcStack, Schedule, StackTape, StackWorkspace, Stage, initial_pre};
 pub use streams::{Collapse, collapse, expand};
 
 /// The `rand` crate this crate is built against, re-exported so that callers pass an RNG of the

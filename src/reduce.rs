@@ -63,6 +63,20 @@ pub(crate) fn all_finite<F: Float>(v: &[F]) -> bool {
     s == F::zero()
 }
 
+/// Runs `f` on `view` as a contiguous slice, through a temporary when it is not contiguous.
+pub(crate) fn with_slice_mut<F: Float, D: ndarray::Dimension, E>(
+    mut view: ndarray::ArrayViewMut<F, D>,
+    f: impl FnOnce(&mut [F]) -> Result<(), E>,
+) -> Result<(), E> {
+    if let Some(s) = view.as_slice_mut() {
+        return f(s);
+    }
+    let mut tmp = view.as_standard_layout().into_owned();
+    f(tmp.as_slice_mut().expect("standard layout"))?;
+    view.assign(&tmp);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,18 +97,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Runs `f` on `view` as a contiguous slice, through a temporary when it is not contiguous.
-pub(crate) fn with_slice_mut<F: Float, D: ndarray::Dimension, E>(
-    mut view: ndarray::ArrayViewMut<F, D>,
-    f: impl FnOnce(&mut [F]) -> Result<(), E>,
-) -> Result<(), E> {
-    if let Some(s) = view.as_slice_mut() {
-        return f(s);
-    }
-    let mut tmp = view.as_standard_layout().into_owned();
-    f(tmp.as_slice_mut().expect("standard layout"))?;
-    view.assign(&tmp);
-    Ok(())
 }

@@ -10,9 +10,9 @@
 //! ([`MhcBlock::write_in_seam_into`]): block `l`'s write-in, and block `l+1`'s projection,
 //! mappings and read-out, in one pass over the streams.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use crate::backward::reuse2;
+use crate::backward::{reuse2, reuse3};
 use crate::error::check_same;
 use crate::error::{Error, Result, checked_size, try_zeroed};
 use crate::mixing::check_x;
@@ -78,30 +78,58 @@ impl<F: Float> Default for Stage<F> {
 impl<F: Float> Stage<F> {
     /// Sizes every buffer for `t` tokens, reusing them when the shapes are unchanged.
     pub(crate) fn ensure(&mut self, t: usize, n: usize, c: usize) -> Result<()> {
-        if self.x.dim() != (t, n, c) || !self.x.is_standard_layout() {
-            let len = checked_size("stage x", &[t, n, c])?;
-            self.x = Array3::from_shape_vec((t, n, c), try_zeroed("stage x", len)?).expect("t·n·c");
-        }
+        reuse3(&mut self.x, "stage x", t, n, c)?;
         self.maps.ensure(t, n)?;
         reuse2(&mut self.u, "u", t, c)
     }
 }
 
 /// What [`MhcStack::forward_train`] keeps for the backward pass: per block its input `x_l` and
-/// sublayer output `y_l` (the paper's recompute strategy, §4.3.2), and its `H_pre` (`n` values a
-/// token, so that under the shifted schedule block `l` need not recompute block `l−1`'s
-/// mappings).
+/// sublayer output `y_l` (the paper's recompute strategy, §4.3.2), and its mappings (`n² + 2n`
+/// values a token, so that under the shifted schedule block `l` need not recompute block
+/// `l−1`'s `H_pre`) and sublayer input `u_l` (`C` values a token: the seam kernel writes block
+/// `l+1`'s whole [`Stage`] in place). Reused by [`MhcStack::forward_train_into`]: after the first
+/// step it allocates nothing proportional to the number of tokens.
+///
+/// # Examples
+///
+/// ```
+/// let tape = mhc::StackTape::<f32>::default();
+/// assert!(tape.is_empty());
+/// ```
 #[derive(Clone, Debug)]
 pub struct StackTape<F> {
-    xs: Vec<Array3<F>>,
+    stages: Vec<Stage<F>>,
     ys: Vec<Array2<F>>,
-    pres: Vec<Array2<F>>,
+    /// `e_0` for the shifted schedule's first block (empty under `Current`).
+    e0: Array2<F>,
+}
+
+impl<F: Float> Default for StackTape<F> {
+    /// An empty tape, sized by the first [`MhcStack::forward_train_into`].
+    fn default() -> Self {
+        StackTape {
+            stages: vec![],
+            ys: vec![],
+            e0: Array2::zeros((0, 0)),
+        }
+    }
 }
 
 impl<F: Float> StackTape<F> {
+    /// The number of blocks recorded.
+    pub fn len(&self) -> usize {
+        self.ys.len()
+    }
+
+    /// Whether no block is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ys.is_empty()
+    }
+
     /// The input `x_l` of every block: `[T, n, C]` each.
-    pub fn inputs(&self) -> &[Array3<F>] {
-        &self.xs
+    pub fn inputs(&self) -> impl ExactSizeIterator<Item = ArrayView3<'_, F>> {
+        self.stages[..self.ys.len()].iter().map(|s| s.x.view())
     }
 
     /// The sublayer output `y_l` of every block: `[T, C]` each.
@@ -110,8 +138,59 @@ impl<F: Float> StackTape<F> {
     }
 }
 
-/// What a run of the chain gives: `x_L`, `pre_{L−1}`, and the tape when training.
-type Run<F> = (Array3<F>, Array2<F>, Option<StackTape<F>>);
+/// Reusable buffers of [`MhcStack::forward_into`] and [`MhcStack::backward_into`]: two stages for
+/// the forward (alternating), and the block tape and gradient buffers of the backward. Sized on
+/// first use; after it the calls allocate nothing proportional to the number of tokens (the
+/// sublayer closures' results and the parameter gradients aside).
+///
+/// # Examples
+///
+/// See [`MhcStack::backward_into`].
+#[derive(Clone, Debug)]
+pub struct StackWorkspace<F> {
+    stages: Vec<Stage<F>>,
+    e0: Array2<F>,
+    tape: Tape<F>,
+    g: Array3<F>,
+    dx: Array3<F>,
+    dpre: Array2<F>,
+    dprev: Array2<F>,
+}
+
+impl<F: Float> Default for StackWorkspace<F> {
+    /// An empty workspace, sized on first use.
+    fn default() -> Self {
+        StackWorkspace {
+            stages: vec![Stage::default(), Stage::default()],
+            e0: Array2::zeros((0, 0)),
+            tape: Tape::default(),
+            g: Array3::zeros((0, 0, 0)),
+            dx: Array3::zeros((0, 0, 0)),
+            dpre: Array2::zeros((0, 0)),
+            dprev: Array2::zeros((0, 0)),
+        }
+    }
+}
+
+/// `(&s[cur], &mut s[next])` for `cur != next`.
+fn split<F>(s: &mut [Stage<F>], cur: usize, next: usize) -> (&Stage<F>, &mut Stage<F>) {
+    if cur < next {
+        let (a, b) = s.split_at_mut(next);
+        (&a[cur], &mut b[0])
+    } else {
+        let (a, b) = s.split_at_mut(cur);
+        (&b[0], &mut a[next])
+    }
+}
+
+/// Fills `e0` with `e_0` for `t` tokens and `n` streams, reusing it when the shape is unchanged.
+fn ensure_e0<F: Float>(e0: &mut Array2<F>, t: usize, n: usize) -> Result<()> {
+    if e0.dim() != (t, n) {
+        reuse2(e0, "e0", t, n)?;
+        e0.assign(&initial_pre::<F>(1, n).row(0));
+    }
+    Ok(())
+}
 
 /// A chain of mHC blocks (SPEC §8) under a [`Schedule`]: attention and FFN sublayers alike,
 /// each block with its own parameters.
@@ -222,8 +301,57 @@ impl<F: Float> MhcStack<F> {
         x: ArrayView3<F>,
         sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
     ) -> Result<(Array3<F>, Array2<F>)> {
-        let (out, pre, _) = self.run(x, sublayer, false)?;
+        let (out, pre) = self.outputs(x.shape()[0])?;
+        let mut ws = StackWorkspace::default();
+        let (mut out, mut pre) = (out, pre);
+        self.forward_into(x, sublayer, &mut ws, out.view_mut(), pre.view_mut())?;
         Ok((out, pre))
+    }
+
+    /// [`forward`](Self::forward) into caller buffers, with a reusable [`StackWorkspace`]: after
+    /// the first call with a given `T` it allocates nothing proportional to the number of tokens.
+    /// Bitwise equal to [`forward`](Self::forward).
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward`](Self::forward); `out`: `[T, n, C]`, `pre`: `[T, n]`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward), plus [`Error::ShapeMismatch`] for `out` or `pre`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule, StackWorkspace};
+    /// use ndarray::{Array2, Array3};
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let blocks = (0..3)
+    ///     .map(|_| MhcBlock::<f32>::new(MhcConfig::new(4, 8), &mut rng))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let stack = MhcStack::new(blocks, Schedule::Shifted)?;
+    /// let x = Array3::from_elem((5, 4, 8), 0.1f32);
+    /// let (mut out, mut pre) = (Array3::zeros((5, 4, 8)), Array2::zeros((5, 4)));
+    /// let mut ws = StackWorkspace::default();
+    /// for _ in 0..2 {
+    ///     stack.forward_into(x.view(), |_l, u| u.mapv(f32::tanh), &mut ws, out.view_mut(), pre.view_mut())?;
+    /// }
+    /// assert_eq!((out, pre), stack.forward(x.view(), |_l, u| u.mapv(f32::tanh))?);
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn forward_into(
+        &self,
+        x: ArrayView3<F>,
+        sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
+        ws: &mut StackWorkspace<F>,
+        out: ArrayViewMut3<F>,
+        pre: ArrayViewMut2<F>,
+    ) -> Result<()> {
+        if ws.stages.len() != 2 {
+            ws.stages.resize_with(2, Stage::default);
+        }
+        self.run(x, sublayer, &mut ws.stages, None, &mut ws.e0, out, pre)
     }
 
     /// [`forward`](Self::forward) for training: also returns a [`StackTape`] with each block's
@@ -245,55 +373,107 @@ impl<F: Float> MhcStack<F> {
         x: ArrayView3<F>,
         sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
     ) -> Result<(Array3<F>, Array2<F>, StackTape<F>)> {
-        let (out, pre, tape) = self.run(x, sublayer, true)?;
-        Ok((out, pre, tape.expect("kept when training")))
+        let (mut out, mut pre) = self.outputs(x.shape()[0])?;
+        let mut tape = StackTape::default();
+        self.forward_train_into(x, sublayer, &mut tape, out.view_mut(), pre.view_mut())?;
+        Ok((out, pre, tape))
     }
 
+    /// [`forward_train`](Self::forward_train) into caller buffers, reusing `tape`'s: after the
+    /// first step with a given `T` it allocates nothing proportional to the number of tokens.
+    /// Bitwise equal to [`forward_train`](Self::forward_train).
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward_into`](Self::forward_into).
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_into`](Self::forward_into).
+    ///
+    /// # Examples
+    ///
+    /// See [`backward_into`](Self::backward_into).
+    pub fn forward_train_into(
+        &self,
+        x: ArrayView3<F>,
+        sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
+        tape: &mut StackTape<F>,
+        out: ArrayViewMut3<F>,
+        pre: ArrayViewMut2<F>,
+    ) -> Result<()> {
+        let nb = self.blocks.len();
+        tape.stages.resize_with(nb, Stage::default);
+        tape.ys.clear();
+        let StackTape { stages, ys, e0 } = tape;
+        let r = self.run(x, sublayer, stages, Some(ys), e0, out, pre);
+        if r.is_err() {
+            ys.clear();
+        }
+        r
+    }
+
+    /// Zeroed `x_L` and `pre` buffers for `t` tokens.
+    fn outputs(&self, t: usize) -> Result<(Array3<F>, Array2<F>)> {
+        let (n, c) = self.dims();
+        let len = checked_size("out", &[t, n, c])?;
+        Ok((
+            Array3::from_shape_vec((t, n, c), try_zeroed("out", len)?).expect("t·n·c"),
+            Array2::from_shape_vec((t, n), try_zeroed("pre", t * n)?).expect("t·n"),
+        ))
+    }
+
+    /// The chain forward. `stages` holds two stages (inference: they alternate) or one per block
+    /// (training, with `ys`: every stage is kept).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         x: ArrayView3<F>,
         mut sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
-        train: bool,
-    ) -> Result<Run<F>> {
+        stages: &mut [Stage<F>],
+        mut ys: Option<&mut Vec<Array2<F>>>,
+        e0: &mut Array2<F>,
+        mut out: ArrayViewMut3<F>,
+        mut pre: ArrayViewMut2<F>,
+    ) -> Result<()> {
         let (n, c) = self.dims();
         let inb = Error::in_block;
         check_x(x.shape(), n, c).map_err(inb(0))?;
         let t = x.shape()[0];
+        check_same("out", &[t, n, c], out.shape())?;
+        check_same("pre", &[t, n], pre.shape())?;
         let shifted = self.schedule == Schedule::Shifted;
-        let mut cur = Stage::default();
-        cur.ensure(t, n, c).map_err(inb(0))?;
-        cur.x.assign(&x);
-        let e0 = shifted.then(|| initial_pre::<F>(t, n));
-        let b0 = &self.blocks[0];
-        b0.read_out_linked_into(
-            x,
-            e0.as_ref().map(|e| e.view()),
-            &mut cur.maps,
-            cur.u.view_mut(),
-        )
-        .map_err(inb(0))?;
-        let mut next = Stage::default();
-        let mut tape = train.then(|| StackTape {
-            xs: Vec::with_capacity(self.blocks.len()),
-            ys: Vec::with_capacity(self.blocks.len()),
-            pres: Vec::with_capacity(self.blocks.len()),
-        });
+        let keep = ys.is_some();
+        let idx = move |l: usize| if keep { l } else { l % 2 };
+        let first = &mut stages[0];
+        first.ensure(t, n, c).map_err(inb(0))?;
+        first.x.assign(&x);
+        if shifted {
+            ensure_e0(e0, t, n).map_err(inb(0))?;
+        }
+        self.blocks[0]
+            .read_out_linked_into(
+                x,
+                shifted.then(|| e0.view()),
+                &mut first.maps,
+                first.u.view_mut(),
+            )
+            .map_err(inb(0))?;
         let last = self.blocks.len() - 1;
         for (l, block) in self.blocks.iter().enumerate() {
-            let y = sublayer(l, cur.u.view());
+            let y = sublayer(l, stages[idx(l)].u.view());
             check_same("sublayer output", &[t, c], y.shape()).map_err(inb(l))?;
             if l == last {
-                let out = block
-                    .write_in(cur.x.view(), &cur.maps, y.view())
+                let cur = &stages[idx(l)];
+                crate::mixing::write_in_into(cur.x.view(), &cur.maps, y.view(), out.view_mut())
                     .map_err(inb(l))?;
-                let pre = cur.maps.pre.clone();
-                if let Some(tp) = tape.as_mut() {
-                    tp.pres.push(cur.maps.pre);
-                    tp.xs.push(cur.x);
-                    tp.ys.push(y);
+                pre.assign(&cur.maps.pre);
+                if let Some(ys) = ys.as_mut() {
+                    ys.push(y);
                 }
-                return Ok((out, pre, tape));
+                return Ok(());
             }
+            let (cur, next) = split(stages, idx(l), idx(l + 1));
             block
                 .write_in_seam_into(
                     cur.x.view(),
@@ -301,7 +481,7 @@ impl<F: Float> MhcStack<F> {
                     y.view(),
                     &self.blocks[l + 1],
                     self.schedule,
-                    &mut next,
+                    next,
                 )
                 .map_err(|e| match e {
                     // The write-in's errors are block l's, the read-out's block l+1's.
@@ -310,15 +490,8 @@ impl<F: Float> MhcStack<F> {
                     }
                     e => inb(l)(e),
                 })?;
-            match tape.as_mut() {
-                Some(tp) => {
-                    // Keep x_l, y_l and pre_l; the next stage gets fresh buffers.
-                    let done = std::mem::replace(&mut cur, std::mem::take(&mut next));
-                    tp.xs.push(done.x);
-                    tp.ys.push(y);
-                    tp.pres.push(done.maps.pre);
-                }
-                None => std::mem::swap(&mut cur, &mut next),
+            if let Some(ys) = ys.as_mut() {
+                ys.push(y);
             }
         }
         unreachable!("the loop returns at the last block")
@@ -372,57 +545,140 @@ impl<F: Float> MhcStack<F> {
         tape: &StackTape<F>,
         upstream: ArrayView3<F>,
         upstream_pre: Option<ArrayView2<F>>,
-        mut sublayer_vjp: impl FnMut(usize, ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+        sublayer_vjp: impl FnMut(usize, ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
     ) -> Result<(Array3<F>, Vec<MhcParams<F>>)> {
         let (n, c) = self.dims();
+        let t = upstream.shape()[0];
+        let len = checked_size("dx", &[t, n, c])?;
+        let mut dx = Array3::from_shape_vec((t, n, c), try_zeroed("dx", len)?).expect("t·n·c");
+        let mut ws = StackWorkspace::default();
+        let grads = self.backward_into(
+            tape,
+            upstream,
+            upstream_pre,
+            sublayer_vjp,
+            &mut ws,
+            dx.view_mut(),
+        )?;
+        Ok((dx, grads))
+    }
+
+    /// [`backward`](Self::backward) into a caller buffer `dx` (`∂x_0`), with a reusable
+    /// [`StackWorkspace`]: after the first call with a given `T` it allocates nothing
+    /// proportional to the number of tokens (the parameter gradients, `O(n·C·m)` a block, are
+    /// returned owned). Bitwise equal to [`backward`](Self::backward).
+    ///
+    /// # Shapes
+    ///
+    /// As [`backward`](Self::backward); `dx`: `[T, n, C]`.
+    ///
+    /// # Errors
+    ///
+    /// As [`backward`](Self::backward), plus [`Error::ShapeMismatch`] for `dx`.
+    ///
+    /// # Examples
+    ///
+    /// A training loop that allocates nothing per token after its first step:
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule, StackTape, StackWorkspace};
+    /// use ndarray::{Array2, Array3};
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let blocks = (0..3)
+    ///     .map(|_| MhcBlock::<f64>::new(MhcConfig::new(4, 8), &mut rng))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let stack = MhcStack::new(blocks, Schedule::Shifted)?;
+    /// let x = Array3::from_shape_fn((5, 4, 8), |(t, i, c)| ((t + i * c) as f64).sin());
+    /// let (mut out, mut pre, mut dx) = (Array3::zeros((5, 4, 8)), Array2::zeros((5, 4)), Array3::zeros((5, 4, 8)));
+    /// let (mut tape, mut ws) = (StackTape::default(), StackWorkspace::default());
+    /// let up = Array3::ones((5, 4, 8));
+    /// for _step in 0..2 {
+    ///     stack.forward_train_into(x.view(), |_l, u| u.mapv(f64::tanh), &mut tape, out.view_mut(), pre.view_mut())?;
+    ///     let grads = stack.backward_into(&tape, up.view(), None, |_l, u, dy| {
+    ///         &dy * &u.mapv(|v| 1.0 - v.tanh().powi(2))
+    ///     }, &mut ws, dx.view_mut())?;
+    ///     assert_eq!(grads.len(), 3);
+    /// }
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn backward_into(
+        &self,
+        tape: &StackTape<F>,
+        upstream: ArrayView3<F>,
+        upstream_pre: Option<ArrayView2<F>>,
+        mut sublayer_vjp: impl FnMut(usize, ArrayView2<F>, ArrayView2<F>) -> Array2<F>,
+        ws: &mut StackWorkspace<F>,
+        mut dx: ArrayViewMut3<F>,
+    ) -> Result<Vec<MhcParams<F>>> {
+        let (n, c) = self.dims();
         let nb = self.blocks.len();
-        check_same("tape", &[nb], &[tape.xs.len()])?;
-        let (t, _, _) = tape.xs[0].dim();
+        check_same("tape", &[nb], &[tape.len()])?;
+        let (t, _, _) = tape.stages[0].x.dim();
         check_same("upstream", &[t, n, c], upstream.shape())?;
         if let Some(p) = &upstream_pre {
             check_same("upstream_pre", &[t, n], p.shape())?;
         }
+        check_same("dx", &[t, n, c], dx.shape())?;
         let shifted = self.schedule == Schedule::Shifted;
-        let e0 = shifted.then(|| initial_pre::<F>(t, n));
-        let mut ws = Tape::default();
-        let (mut g, mut dx) = (upstream.to_owned(), Array3::zeros((t, n, c)));
-        // ∂ of the current block's own H_pre from further down the chain.
-        let mut dpre: Option<Array2<F>> = upstream_pre.map(|p| p.to_owned());
-        let mut dprev = Array2::zeros((t, n));
+        let StackWorkspace {
+            tape: wt,
+            g,
+            dx: dxb,
+            dpre,
+            dprev,
+            ..
+        } = ws;
+        if nb > 1 {
+            reuse3(g, "g", t, n, c)?;
+            reuse3(dxb, "dx", t, n, c)?;
+        }
+        if shifted && nb > 1 {
+            reuse2(dpre, "dpre", t, n)?;
+            reuse2(dprev, "dprev", t, n)?;
+        }
         let mut grads = Vec::with_capacity(nb);
         for l in (0..nb).rev() {
             let inb = Error::in_block(l);
             let block = &self.blocks[l];
-            let (xl, yl) = (tape.xs[l].view(), tape.ys[l].view());
+            let (xl, yl) = (tape.stages[l].x.view(), tape.ys[l].view());
             let prev = match (shifted, l) {
                 (false, _) => None,
-                (true, 0) => e0.as_ref().map(|e| e.view()),
-                (true, _) => Some(tape.pres[l - 1].view()),
+                (true, 0) => Some(tape.e0.view()),
+                (true, _) => Some(tape.stages[l - 1].maps.pre.view()),
             };
+            // ∂x_{l+1}: the caller's for the last block, else what block l+1 wrote into `g`.
+            let gin = if l == nb - 1 { upstream } else { g.view() };
             block
-                .write_in_backward_linked_into(xl, yl, g.view(), prev, &mut ws)
+                .write_in_backward_linked_into(xl, yl, gin, prev, wt)
                 .map_err(inb)?;
-            let du = sublayer_vjp(l, ws.u.view(), ws.dy.view());
+            let du = sublayer_vjp(l, wt.u.view(), wt.dy.view());
+            // ∂ of block l's own H_pre from further down the chain: the caller's for the last
+            // block (under both schedules its H_pre is the chain's output), else under `Shifted`
+            // what block l+1's read-out wrote into `dpre`.
+            let own = match (l == nb - 1, shifted) {
+                (true, _) => upstream_pre,
+                (false, true) => Some(dpre.view()),
+                (false, false) => None,
+            };
             let link = ChainLink {
                 prev_pre: prev,
-                dpre: dpre.as_ref().map(|d| d.view()),
+                dpre: own,
                 dprev_pre: (shifted && l > 0).then(|| dprev.view_mut()),
             };
+            let dst = if l == 0 {
+                dx.view_mut()
+            } else {
+                dxb.view_mut()
+            };
             let p = block
-                .read_out_backward_linked_into(xl, &mut ws, du.view(), link, dx.view_mut())
+                .read_out_backward_linked_into(xl, wt, du.view(), link, dst)
                 .map_err(Error::in_block(l))?;
             grads.push(p);
-            std::mem::swap(&mut g, &mut dx);
-            dpre = match (shifted, l > 0, dpre) {
-                (true, true, Some(mut d)) => {
-                    std::mem::swap(&mut d, &mut dprev);
-                    Some(d)
-                }
-                (true, true, None) => Some(std::mem::replace(&mut dprev, Array2::zeros((t, n)))),
-                _ => None,
-            };
+            std::mem::swap(g, dxb);
+            std::mem::swap(dpre, dprev);
         }
         grads.reverse();
-        Ok((g, grads))
+        Ok(grads)
     }
 }

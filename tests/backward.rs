@@ -485,6 +485,36 @@ fn empty_batch_backward() {
     assert!(g.phi.iter().all(|&v| v == 0.0));
 }
 
+/// A tape reused from a step with tokens gives zero gradients for an empty batch (it once
+/// returned the previous step's).
+#[test]
+fn empty_batch_after_a_full_one_with_a_reused_tape() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for hc in [false, true] {
+        let mhc_block = MhcBlock::<f64>::new(MhcConfig::new(4, 8), &mut rng).unwrap();
+        let hc_block = mhc::HcBlock::<f64>::new(mhc::HcConfig::new(4, 8)).unwrap();
+        let mut tape = mhc::Tape::default();
+        for t in [5, 0] {
+            let x = Array3::from_shape_simple_fn((t, 4, 8), || rng.random::<f64>() - 0.5);
+            let y = Array2::from_shape_simple_fn((t, 8), || rng.random::<f64>() - 0.5);
+            let mut dx = Array3::zeros((t, 4, 8));
+            let id = |_: ArrayView2<f64>, dy: ArrayView2<f64>| dy.to_owned();
+            let nonzero = if hc {
+                let g = hc_block
+                    .backward_into(x.view(), y.view(), x.view(), id, &mut tape, dx.view_mut())
+                    .unwrap();
+                g.theta_res.iter().any(|&v| v != 0.0) || g.alpha.iter().any(|&v| v != 0.0)
+            } else {
+                let g = mhc_block
+                    .backward_into(x.view(), y.view(), x.view(), id, &mut tape, dx.view_mut())
+                    .unwrap();
+                g.phi.iter().any(|&v| v != 0.0) || g.bias.iter().any(|&v| v != 0.0)
+            };
+            assert_eq!(nonzero, t > 0, "hc {hc}, T = {t}");
+        }
+    }
+}
+
 #[test]
 fn mlp_gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(21);

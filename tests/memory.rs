@@ -3,8 +3,8 @@
 //! is recomputed in the backward pass).
 
 use mhc::rand::{SeedableRng, rngs::StdRng};
-use mhc::{MhcBlock, MhcConfig};
-use ndarray::Array3;
+use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule, StackTape, StackWorkspace};
+use ndarray::{Array2, Array3};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
@@ -118,4 +118,70 @@ fn steady_state_training_step_allocates_no_token_buffers() {
         assert!(peak <= allowed, "peak {peak} > {allowed}");
         drop(grads);
     });
+}
+
+#[test]
+fn steady_state_stack_step_allocates_no_stream_buffers() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // n = 8: one [T, n, C] buffer (16 MiB) is more than everything the step may allocate.
+    let (t, n, c, blocks) = (4096usize, 8usize, 128usize, 3usize);
+    let mut rng = StdRng::seed_from_u64(0);
+    let chain: Vec<MhcBlock<f32>> = (0..blocks)
+        .map(|_| MhcBlock::new(MhcConfig::new(n, c), &mut rng).unwrap())
+        .collect();
+    let x = Array3::<f32>::from_elem((t, n, c), 0.5);
+    let up = Array3::<f32>::from_elem((t, n, c), 0.25);
+    for schedule in [Schedule::Current, Schedule::Shifted] {
+        let stack = MhcStack::new(chain.clone(), schedule).unwrap();
+        let (mut out, mut pre, mut dx) = (
+            Array3::<f32>::zeros((t, n, c)),
+            Array2::<f32>::zeros((t, n)),
+            Array3::<f32>::zeros((t, n, c)),
+        );
+        let (mut tape, mut ws) = (StackTape::default(), StackWorkspace::default());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut step = || {
+                stack
+                    .forward_train_into(
+                        x.view(),
+                        |_, u| u.to_owned(),
+                        &mut tape,
+                        out.view_mut(),
+                        pre.view_mut(),
+                    )
+                    .unwrap();
+                stack
+                    .backward_into(
+                        &tape,
+                        up.view(),
+                        None,
+                        |_, _, dy| dy.to_owned(),
+                        &mut ws,
+                        dx.view_mut(),
+                    )
+                    .unwrap()
+            };
+            drop(step()); // warm-up: the tape and the workspace grow to their size
+            let before = LIVE.load(Ordering::SeqCst);
+            PEAK.store(before as usize, Ordering::SeqCst);
+            let grads = step();
+            let peak = PEAK.load(Ordering::SeqCst) - before as usize;
+            let f = std::mem::size_of::<f32>();
+            let params = (n * c * (n * n + 2 * n) + 3 + n * n + 2 * n) * f;
+            // Per block y and ∂u (the sublayer's own [T, C] results: the new y's replace the
+            // old ones, at most one block's ∂u is live) and its gradients, plus scratch; no
+            // [T, n, C] buffer.
+            let allowed = (blocks + 1) * t * c * f + 2 * blocks * params + (1 << 20);
+            assert!(peak <= allowed, "{schedule:?}: peak {peak} > {allowed}");
+            assert!(
+                allowed < t * n * c * f,
+                "the bound must exclude a stream buffer"
+            );
+            drop(grads);
+        });
+    }
 }

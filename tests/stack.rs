@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use mhc::rand::{RngExt, SeedableRng, rngs::StdRng};
-use mhc::{Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule};
+use mhc::{
+    Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule, StackTape, StackWorkspace,
+};
 use ndarray::{Array2, Array3, ArrayView2};
 use std::cell::RefCell;
 
@@ -227,7 +229,7 @@ fn current_stack_equals_its_blocks_bitwise() {
             .unwrap()
             .pre
     );
-    assert_eq!(tape.inputs(), &xs[..]);
+    assert!(tape.inputs().eq(xs.iter().map(|x| x.view())));
     assert_eq!(tape.outputs(), &ys[..]);
     let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
     let vjp = |l: usize, u: ArrayView2<f64>, dy: ArrayView2<f64>| {
@@ -250,6 +252,71 @@ fn current_stack_equals_its_blocks_bitwise() {
 }
 
 /// The shifted stack in f32 over several tasks: the same bits on 1 and 4 threads.
+/// The `*_into` forms with reused buffers equal the allocating ones to the bit, under both
+/// schedules, also when the number of tokens changes between calls (the buffers resize).
+#[test]
+fn into_forms_equal_the_allocating_ones_bitwise() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (n, c, nb) = (4, 8, 3);
+    for schedule in [Schedule::Current, Schedule::Shifted] {
+        let (stack, ws) = random_stack(nb, n, c, schedule, &mut rng);
+        let f = |l: usize, u: ArrayView2<f64>| tanh_layer(u, &ws[l]);
+        let vjp = |l: usize, u: ArrayView2<f64>, dy: ArrayView2<f64>| {
+            let y = tanh_layer(u, &ws[l]);
+            (&dy * &y.mapv(|v| 1.0 - v * v)).dot(&ws[l].t())
+        };
+        let (mut tape, mut sw, mut fw) = (
+            StackTape::default(),
+            StackWorkspace::default(),
+            StackWorkspace::default(),
+        );
+        for t in [7, 300, 7, 0, 5] {
+            let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+            let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+            let up_pre = Array2::from_shape_simple_fn((t, n), || rng.random::<f64>() - 0.5);
+            let (out, pre) = stack.forward(x.view(), f).unwrap();
+            let (mut o2, mut p2) = (Array3::zeros((t, n, c)), Array2::zeros((t, n)));
+            stack
+                .forward_into(x.view(), f, &mut fw, o2.view_mut(), p2.view_mut())
+                .unwrap();
+            assert_eq!(
+                (&o2, &p2),
+                (&out, &pre),
+                "{schedule:?} forward_into, T = {t}"
+            );
+            let (out_t, pre_t, owned) = stack.forward_train(x.view(), f).unwrap();
+            stack
+                .forward_train_into(x.view(), f, &mut tape, o2.view_mut(), p2.view_mut())
+                .unwrap();
+            assert_eq!(
+                (&o2, &p2),
+                (&out_t, &pre_t),
+                "{schedule:?} forward_train_into"
+            );
+            assert_eq!((&out_t, &pre_t), (&out, &pre));
+            assert_eq!(tape.len(), nb);
+            assert!(tape.inputs().eq(owned.inputs()));
+            assert_eq!(tape.outputs(), owned.outputs());
+            let (dx, grads) = stack
+                .backward(&owned, up.view(), Some(up_pre.view()), vjp)
+                .unwrap();
+            let mut dx2 = Array3::from_elem((t, n, c), f64::NAN); // every entry is written
+            let grads2 = stack
+                .backward_into(
+                    &tape,
+                    up.view(),
+                    Some(up_pre.view()),
+                    vjp,
+                    &mut sw,
+                    dx2.view_mut(),
+                )
+                .unwrap();
+            assert_eq!(dx2, dx, "{schedule:?} backward_into, T = {t}");
+            assert_eq!(grads2, grads, "{schedule:?} grads, T = {t}");
+        }
+    }
+}
+
 #[test]
 fn stacks_are_bitwise_identical_on_any_number_of_threads() {
     let mut rng = StdRng::seed_from_u64(5);
@@ -458,6 +525,87 @@ fn stack_bad_inputs_give_typed_errors() {
     ));
     // Display names the block.
     assert!(e.to_string().starts_with("block 0: "), "{e}");
+    // Caller buffers of the wrong shape.
+    let mut ws = StackWorkspace::default();
+    let (mut o, mut p) = (Array3::zeros((t, n, c)), Array2::zeros((t, n)));
+    assert_eq!(
+        stack
+            .forward_into(
+                x.view(),
+                id_f,
+                &mut ws,
+                Array3::zeros((t + 1, n, c)).view_mut(),
+                p.view_mut()
+            )
+            .unwrap_err(),
+        Error::ShapeMismatch {
+            what: "out",
+            expected: vec![t, n, c],
+            got: vec![t + 1, n, c]
+        }
+    );
+    assert_eq!(
+        stack
+            .forward_into(
+                x.view(),
+                id_f,
+                &mut ws,
+                o.view_mut(),
+                Array2::zeros((t, n + 1)).view_mut()
+            )
+            .unwrap_err(),
+        Error::ShapeMismatch {
+            what: "pre",
+            expected: vec![t, n],
+            got: vec![t, n + 1]
+        }
+    );
+    let mut tp = StackTape::default();
+    stack
+        .forward_train_into(x.view(), id_f, &mut tp, o.view_mut(), p.view_mut())
+        .unwrap();
+    assert_eq!(
+        stack
+            .backward_into(
+                &tp,
+                o.view(),
+                None,
+                id,
+                &mut ws,
+                Array3::zeros((t, n, c + 1)).view_mut()
+            )
+            .unwrap_err(),
+        Error::ShapeMismatch {
+            what: "dx",
+            expected: vec![t, n, c],
+            got: vec![t, n, c + 1]
+        }
+    );
+    // A failed forward leaves an empty tape, which no backward takes.
+    let nan = |_: usize, u: ArrayView2<f64>| u.mapv(|_| f64::NAN);
+    assert!(
+        stack
+            .forward_train_into(x.view(), nan, &mut tp, o.view_mut(), p.view_mut())
+            .is_err()
+    );
+    assert!(tp.is_empty());
+    assert!(matches!(
+        stack
+            .backward_into(
+                &tp,
+                o.view(),
+                None,
+                id,
+                &mut ws,
+                Array3::zeros((t, n, c)).view_mut()
+            )
+            .unwrap_err(),
+        Error::ShapeMismatch { what: "tape", .. }
+    ));
+}
+
+fn id_f(_: usize, u: ArrayView2<f64>) -> Array2<f64> {
+    u.to_owned()
 }
 
 #[test]
