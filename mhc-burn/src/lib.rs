@@ -14,7 +14,8 @@
 //!   [`Schedule::Shifted`] (DeepSeek-V4.1), returning `x_L` and the last `H_pre`.
 //! - [`expand`], [`collapse`], [`LearnedCollapse`] (DeepSeek-V4's `hc_head`), and V4.1's last-pre
 //!   read-out [`read_out`].
-//! - [`sinkhorn`]: the projector in tensor ops, in the log domain (finite for any finite logit).
+//! - [`sinkhorn`]: the projector in tensor ops, in the linear domain where it is exact and in the
+//!   log domain otherwise (finite for any finite logit).
 //!
 //! Activations are `[batch, seq, n, C]`; sublayers see `[batch, seq, C]` and are any closure.
 //! Mappings are computed in f32 whatever the activations' dtype.
@@ -45,7 +46,7 @@ mod streams;
 pub use block::{BiasInit, HcBlock, HcBlockConfig, MhcBlock, MhcBlockConfig, ResidualBlock};
 pub use convert::{array_from_tensor, tensor_from_array};
 pub use mixing::{Mappings, read_out, write_in};
-pub use sinkhorn::sinkhorn;
+pub use sinkhorn::{LINEAR_SPREAD, sinkhorn};
 pub use stack::{MhcStack, Schedule, initial_pre};
 pub use streams::{Collapse, LearnedCollapse, collapse, expand};
 

@@ -317,6 +317,48 @@ fn sinkhorn_matches_the_core_and_stays_finite_on_extreme_logits() {
     assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-5), "{rows:?}");
 }
 
+/// Both domains of `sinkhorn` against the core, values and gradients (through autodiff): batches
+/// whose logits span just under and just over `LINEAR_SPREAD` (linear and log domain), one
+/// extreme matrix that sends a whole batch of ordinary ones to the log domain, and `eps > 0`
+/// (always the linear domain).
+#[test]
+fn sinkhorn_domains_match_the_core_with_gradients() {
+    let dev = device();
+    let (b, n) = (37, 4);
+    let spread = mhc_burn::LINEAR_SPREAD;
+    for (name, scale, eps, extreme) in [
+        ("linear", 0.95 * spread, 0.0, false),
+        ("log", 1.05 * spread, 0.0, false),
+        ("log (one extreme matrix)", 2.0, 0.0, true),
+        ("linear with eps", 3.0 * spread, 1e-6, false),
+    ] {
+        let mut k = 0u32;
+        let mut unit = || {
+            k += 1;
+            (f64::from(k) * 0.618_033_988_7).fract() as f32 // in [0, 1), equidistributed
+        };
+        let mut logits = Array3::from_shape_simple_fn((b, n, n), || unit() * scale as f32);
+        if extreme {
+            logits[[b - 1, 0, 0]] = 1e3;
+        }
+        let up = Array3::from_shape_simple_fn((b, n, n), || unit() - 0.5);
+        let sk = mhc::SinkhornKnopp { iters: 20, eps };
+        let want = sk.project_batch(logits.view()).unwrap();
+        let want_g = sk.vjp_batch(logits.view(), up.view()).unwrap();
+        let lt = tensor_from_array::<3, _>(&logits, &dev).require_grad();
+        let m = mhc_burn::sinkhorn(lt.clone(), 20, eps);
+        let loss = (m.clone() * tensor_from_array::<3, _>(&up, &dev)).sum();
+        let g = loss.backward();
+        assert_close(&format!("sinkhorn {name}"), &of(&m), &f32a(&want), FWD);
+        assert_close(
+            &format!("sinkhorn {name} vjp"),
+            &grad(&lt, &g),
+            &f32a(&want_g),
+            GRAD,
+        );
+    }
+}
+
 #[test]
 fn conversions_round_trip_exactly() {
     let dev = Device::flex();
