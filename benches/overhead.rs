@@ -46,6 +46,38 @@ fn randn(shape: (usize, usize), rng: &mut StdRng) -> Array2<f32> {
     })
 }
 
+/// What every bench shape starts from: the MLP `C → 4C → C`, a residual-stream input `h`, its
+/// `n` streams `x`, upstream gradients for both, and the residual block.
+struct Setup {
+    id: String,
+    rng: StdRng,
+    mlp: Mlp<f32>,
+    h: Array2<f32>,
+    x: Array3<f32>,
+    up3: Array3<f32>,
+    up2: Array2<f32>,
+    residual: ResidualBlock,
+}
+
+fn setup(n: usize, dim: usize, t: usize) -> Setup {
+    let mut rng = StdRng::seed_from_u64(0);
+    let mlp = Mlp::<f32>::new(dim, 4 * dim, &mut rng).unwrap();
+    let h = randn((t, dim), &mut rng);
+    let x = mhc::expand(h.view(), n).unwrap();
+    let up3 = Array3::from_shape_fn((t, n, dim), |(i, j, k)| h[[i, k]] * (j as f32 + 1.0) * 0.1);
+    let up2 = h.mapv(|v| v * 0.1);
+    Setup {
+        id: format!("n{n}_c{dim}_t{t}"),
+        rng,
+        mlp,
+        h,
+        x,
+        up3,
+        up2,
+        residual: ResidualBlock::new(dim).unwrap(),
+    }
+}
+
 /// Whether the group `name` (`blocks` or `stack`) runs: `MHC_BENCH_GROUPS=stack` picks one;
 /// both by default.
 fn runs(name: &str) -> bool {
@@ -57,15 +89,16 @@ fn bench(c: &mut Criterion) {
         return;
     }
     for (n, dim, t) in shapes() {
-        let id = format!("n{n}_c{dim}_t{t}");
-        let mut rng = StdRng::seed_from_u64(0);
-        let mlp = Mlp::<f32>::new(dim, 4 * dim, &mut rng).unwrap();
-        let h = randn((t, dim), &mut rng);
-        let x = mhc::expand(h.view(), n).unwrap();
-        let up3 =
-            Array3::from_shape_fn((t, n, dim), |(i, j, k)| h[[i, k]] * (j as f32 + 1.0) * 0.1);
-        let up2 = h.mapv(|v| v * 0.1);
-        let residual = ResidualBlock::new(dim).unwrap();
+        let Setup {
+            id,
+            mut rng,
+            mlp,
+            h,
+            x,
+            up3,
+            up2,
+            residual,
+        } = setup(n, dim, t);
         let mhc = MhcBlock::<f32>::new(MhcConfig::new(n, dim), &mut rng).unwrap();
         let hc = HcBlock::<f32>::new(HcConfig::new(n, dim)).unwrap();
         let mlp = &mlp;
@@ -303,15 +336,16 @@ fn bench_stack(c: &mut Criterion) {
         return;
     }
     for (n, dim, t) in common::shapes(STACK_SHAPES) {
-        let id = format!("n{n}_c{dim}_t{t}");
-        let mut rng = StdRng::seed_from_u64(0);
-        let mlp = Mlp::<f32>::new(dim, 4 * dim, &mut rng).unwrap();
-        let h = randn((t, dim), &mut rng);
-        let x = mhc::expand(h.view(), n).unwrap();
-        let up3 =
-            Array3::from_shape_fn((t, n, dim), |(i, j, k)| h[[i, k]] * (j as f32 + 1.0) * 0.1);
-        let up2 = h.mapv(|v| v * 0.1);
-        let residual = ResidualBlock::new(dim).unwrap();
+        let Setup {
+            id,
+            mut rng,
+            mlp,
+            h,
+            x,
+            up3,
+            up2,
+            residual,
+        } = setup(n, dim, t);
         let blocks: Vec<MhcBlock<f32>> = (0..BLOCKS)
             .map(|_| MhcBlock::new(MhcConfig::new(n, dim), &mut rng).unwrap())
             .collect();

@@ -30,6 +30,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// Runs `step` twice on one thread (rayon's worker stacks and pools would otherwise count) and
+/// returns the second call's result and its peak of live bytes above what was live before it:
+/// the steady state of a training loop once its buffers have grown.
+fn steady_peak<R: Send>(mut step: impl FnMut() -> R + Send) -> (R, usize) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        drop(step()); // warm-up: tapes and workspaces grow to their size
+        let before = LIVE.load(Ordering::SeqCst);
+        PEAK.store(before as usize, Ordering::SeqCst);
+        let r = step();
+        (r, PEAK.load(Ordering::SeqCst) - before as usize)
+    })
+}
+
 /// The counters are global: the tests take turns.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -85,39 +102,28 @@ fn steady_state_training_step_allocates_no_token_buffers() {
     let mut tape = mhc::Tape::default();
     // The sublayer writes into a buffer it owns and hands out a copy-free result only when
     // asked: here it is the identity, whose output `y` is the one [T, C] allocation per step.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let mut step = || {
-            let y = block
-                .forward_train_into(x.view(), |u| u.to_owned(), &mut tape, out.view_mut())
-                .unwrap();
-            block
-                .backward_into(
-                    x.view(),
-                    y.view(),
-                    up.view(),
-                    |_, dy| dy.to_owned(),
-                    &mut tape,
-                    dx.view_mut(),
-                )
-                .unwrap()
-        };
-        drop(step()); // warm-up: the tape grows to its size
-        let before = LIVE.load(Ordering::SeqCst);
-        PEAK.store(before as usize, Ordering::SeqCst);
-        let grads = step();
-        let peak = PEAK.load(Ordering::SeqCst) - before as usize;
-        let f = std::mem::size_of::<f32>();
-        let params = (n * c * (n * n + 2 * n) + 3 + n * n + 2 * n) * f;
-        // y and ∂u (the sublayer's own [T, C] outputs), the gradients, and scratch: no
-        // [T, n, C] buffer (8 MiB here).
-        let allowed = 2 * t * c * f + 2 * params + (1 << 20);
-        assert!(peak <= allowed, "peak {peak} > {allowed}");
-        drop(grads);
+    let (grads, peak) = steady_peak(|| {
+        let y = block
+            .forward_train_into(x.view(), |u| u.to_owned(), &mut tape, out.view_mut())
+            .unwrap();
+        block
+            .backward_into(
+                x.view(),
+                y.view(),
+                up.view(),
+                |_, dy| dy.to_owned(),
+                &mut tape,
+                dx.view_mut(),
+            )
+            .unwrap()
     });
+    let f = std::mem::size_of::<f32>();
+    let params = (n * c * (n * n + 2 * n) + 3 + n * n + 2 * n) * f;
+    // y and ∂u (the sublayer's own [T, C] outputs), the gradients, and scratch: no
+    // [T, n, C] buffer (8 MiB here).
+    let allowed = 2 * t * c * f + 2 * params + (1 << 20);
+    assert!(peak <= allowed, "peak {peak} > {allowed}");
+    drop(grads);
 }
 
 #[test]
@@ -139,49 +145,38 @@ fn steady_state_stack_step_allocates_no_stream_buffers() {
             Array3::<f32>::zeros((t, n, c)),
         );
         let (mut tape, mut ws) = (StackTape::default(), StackWorkspace::default());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut step = || {
-                stack
-                    .forward_train_into(
-                        x.view(),
-                        |_, u| u.to_owned(),
-                        &mut tape,
-                        out.view_mut(),
-                        pre.view_mut(),
-                    )
-                    .unwrap();
-                stack
-                    .backward_into(
-                        &tape,
-                        up.view(),
-                        None,
-                        |_, _, dy| dy.to_owned(),
-                        &mut ws,
-                        dx.view_mut(),
-                    )
-                    .unwrap()
-            };
-            drop(step()); // warm-up: the tape and the workspace grow to their size
-            let before = LIVE.load(Ordering::SeqCst);
-            PEAK.store(before as usize, Ordering::SeqCst);
-            let grads = step();
-            let peak = PEAK.load(Ordering::SeqCst) - before as usize;
-            let f = std::mem::size_of::<f32>();
-            let params = (n * c * (n * n + 2 * n) + 3 + n * n + 2 * n) * f;
-            // Per block y and ∂u (the sublayer's own [T, C] results: the new y's replace the
-            // old ones, at most one block's ∂u is live) and its gradients, plus scratch; no
-            // [T, n, C] buffer.
-            let allowed = (blocks + 1) * t * c * f + 2 * blocks * params + (1 << 20);
-            assert!(peak <= allowed, "{schedule:?}: peak {peak} > {allowed}");
-            assert!(
-                allowed < t * n * c * f,
-                "the bound must exclude a stream buffer"
-            );
-            drop(grads);
+        let (grads, peak) = steady_peak(|| {
+            stack
+                .forward_train_into(
+                    x.view(),
+                    |_, u| u.to_owned(),
+                    &mut tape,
+                    out.view_mut(),
+                    pre.view_mut(),
+                )
+                .unwrap();
+            stack
+                .backward_into(
+                    &tape,
+                    up.view(),
+                    None,
+                    |_, _, dy| dy.to_owned(),
+                    &mut ws,
+                    dx.view_mut(),
+                )
+                .unwrap()
         });
+        let f = std::mem::size_of::<f32>();
+        let params = (n * c * (n * n + 2 * n) + 3 + n * n + 2 * n) * f;
+        // Per block y and ∂u (the sublayer's own [T, C] results: the new y's replace the old
+        // ones, at most one block's ∂u is live) and its gradients, plus scratch; no [T, n, C]
+        // buffer.
+        let allowed = (blocks + 1) * t * c * f + 2 * blocks * params + (1 << 20);
+        assert!(peak <= allowed, "{schedule:?}: peak {peak} > {allowed}");
+        assert!(
+            allowed < t * n * c * f,
+            "the bound must exclude a stream buffer"
+        );
+        drop(grads);
     }
 }
