@@ -5,6 +5,11 @@
 //! At the end it prints (and writes to `target/criterion/overhead.md`) the table of median
 //! times and overhead ratios `mhc / residual − 1`, all measured in the same run.
 //!
+//! Two groups, both by default, one with `MHC_BENCH_GROUPS=blocks` or `=stack`: single blocks
+//! (residual, HC, mHC) and chains of 4 blocks (a residual chain against `MhcStack` under both
+//! schedules; table in `target/criterion/overhead_stack.md`, shapes n ∈ {2, 4, 8} at C = 1024,
+//! T = 4096 unless `MHC_BENCH_SHAPES` says otherwise).
+//!
 //! The floor (n = 4, C = 1024, T = 4096, f32): the sublayer `C → 4C → C` does 68.7 GFLOP in
 //! forward; mHC adds ~56 KiB of DRAM traffic per token (≈ 230 MiB, ≈ 11 ms at 21 GB/s) and a
 //! `[T, 4096] × [4096, 24]` projection (0.8 GFLOP). Against the MLP's ≈ 340 ms on 2 cores that
