@@ -148,7 +148,7 @@ impl<F: Float> StackTape<F> {
 /// See [`MhcStack::backward_into`].
 #[derive(Clone, Debug)]
 pub struct StackWorkspace<F> {
-    stages: Vec<Stage<F>>,
+    stages: [Stage<F>; 2],
     e0: Array2<F>,
     tape: Tape<F>,
     g: Array3<F>,
@@ -161,7 +161,7 @@ impl<F: Float> Default for StackWorkspace<F> {
     /// An empty workspace, sized on first use.
     fn default() -> Self {
         StackWorkspace {
-            stages: vec![Stage::default(), Stage::default()],
+            stages: [Stage::default(), Stage::default()],
             e0: Array2::zeros((0, 0)),
             tape: Tape::default(),
             g: Array3::zeros((0, 0, 0)),
@@ -301,9 +301,8 @@ impl<F: Float> MhcStack<F> {
         x: ArrayView3<F>,
         sublayer: impl FnMut(usize, ArrayView2<F>) -> Array2<F>,
     ) -> Result<(Array3<F>, Array2<F>)> {
-        let (out, pre) = self.outputs(x.shape()[0])?;
+        let (mut out, mut pre) = self.outputs(x.shape()[0])?;
         let mut ws = StackWorkspace::default();
-        let (mut out, mut pre) = (out, pre);
         self.forward_into(x, sublayer, &mut ws, out.view_mut(), pre.view_mut())?;
         Ok((out, pre))
     }
@@ -348,9 +347,6 @@ impl<F: Float> MhcStack<F> {
         out: ArrayViewMut3<F>,
         pre: ArrayViewMut2<F>,
     ) -> Result<()> {
-        if ws.stages.len() != 2 {
-            ws.stages.resize_with(2, Stage::default);
-        }
         self.run(x, sublayer, &mut ws.stages, None, &mut ws.e0, out, pre)
     }
 
