@@ -1090,4 +1090,106 @@ impl<F: Float> Block<F, Mhc> {
             backward::read_out_backward_linked_into(&self.kernel(), x, tape, du, link, dx)?;
         Ok(self.grads(dw, acc))
     }
+
+    /// The backward seam between `prev.block` (block `l`) and this block (block `l + 1`) of a
+    /// chain: this block's [`read_out_backward_linked_into`](Self::read_out_backward_linked_into)
+    /// fused with block `l`'s
+    /// [`write_in_backward_linked_into`](Self::write_in_backward_linked_into), whose upstream
+    /// gradient is this block's `∂x_{l+1}`. Per chunk of tokens, `∂x_{l+1}` is completed in
+    /// cache and consumed there by block `l`'s write-in half: it is never written to memory,
+    /// which saves `2·n·C` values of traffic a token (what
+    /// [`MhcStack::backward_into`](crate::MhcStack::backward_into) does between blocks).
+    ///
+    /// Returns this block's parameter gradients and fills `prev_tape` as block `l`'s
+    /// `write_in_backward_linked_into` would; bitwise equal to the two calls one after the other.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[T, n, C]`; `du`: `[T, C]`; `link`'s arrays: `[T, n]`
+    /// - `prev.x`: `[T, n, C]`; `prev.y`: `[T, C]`; `prev.prev_pre`: `[T, n]`
+    ///
+    /// # Errors
+    ///
+    /// This block's first, as [`read_out_backward_linked_into`](Self::read_out_backward_linked_into)
+    /// (without its `dx`); then block `l`'s, as
+    /// [`write_in_backward_linked_into`](Self::write_in_backward_linked_into), except that a
+    /// `prev.x` of another `T` is [`Error::ShapeMismatch`] `"x"` (the upstream gradient has this
+    /// block's shape), and a `prev.block` with other `n` or `C` is `"previous block"`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mhc::rand::{SeedableRng, rngs::StdRng};
+    /// use mhc::{ChainLink, MhcBlock, MhcConfig, PrevBlock, Tape};
+    /// use ndarray::Array3;
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let b0 = MhcBlock::<f64>::new(MhcConfig::new(2, 3), &mut rng)?;
+    /// let b1 = MhcBlock::<f64>::new(MhcConfig::new(2, 3), &mut rng)?;
+    /// let x0 = Array3::from_shape_fn((4, 2, 3), |(a, b, c)| (a + b * c) as f64 * 0.1);
+    /// let (x1, y0) = b0.forward_train(x0.view(), |u| u.to_owned())?;
+    /// let (x2, y1) = b1.forward_train(x1.view(), |u| u.to_owned())?;
+    /// // Backward of ⟨1, x_2⟩ with identity sublayers: block 1's read-out half and block 0's
+    /// // write-in half in one pass.
+    /// let mut t1 = Tape::default();
+    /// b1.write_in_backward_into(x1.view(), y1.view(), Array3::ones(x2.raw_dim()).view(), &mut t1)?;
+    /// let du1 = t1.dy.clone();
+    /// let mut t0 = Tape::default();
+    /// let prev = PrevBlock { block: &b0, x: x0.view(), y: y0.view(), prev_pre: None };
+    /// let g1 = b1.read_out_backward_seam_into(x1.view(), &mut t1, du1.view(), ChainLink::default(), prev, &mut t0)?;
+    /// // The same as the two halves one after the other:
+    /// let mut dx1 = Array3::zeros(x1.raw_dim());
+    /// let g1_ = b1.read_out_backward_into(x1.view(), &mut t1, du1.view(), dx1.view_mut())?;
+    /// let mut t0_ = Tape::default();
+    /// b0.write_in_backward_into(x0.view(), y0.view(), dx1.view(), &mut t0_)?;
+    /// assert_eq!((g1, &t0.dy), (g1_, &t0_.dy));
+    /// # Ok::<(), mhc::Error>(())
+    /// ```
+    pub fn read_out_backward_seam_into(
+        &self,
+        x: ArrayView3<F>,
+        tape: &mut Tape<F>,
+        du: ArrayView2<F>,
+        link: crate::ChainLink<'_, F>,
+        prev: PrevBlock<'_, F>,
+        prev_tape: &mut Tape<F>,
+    ) -> Result<MhcParams<F>> {
+        let kp = prev.block.kernel();
+        let side = backward::SeamPrev {
+            k: &kp,
+            x: prev.x,
+            y: prev.y,
+            ro: prev.prev_pre,
+            tape: prev_tape,
+        };
+        match backward::backward_seam(&self.kernel(), x, tape, du, link, side) {
+            Ok((dw, acc)) => Ok(self.grads(dw, acc)),
+            Err(backward::SeamError::This(e) | backward::SeamError::Prev(e)) => Err(e),
+        }
+    }
+}
+
+/// The block before a backward seam, for
+/// [`MhcBlock::read_out_backward_seam_into`]: block `l` of the seam `l → l + 1`, with what its
+/// write-in half's backward needs.
+///
+/// # Shapes
+///
+/// - `x`: `[T, n, C]`; `y`: `[T, C]`; `prev_pre`: `[T, n]`
+///
+/// # Examples
+///
+/// See [`MhcBlock::read_out_backward_seam_into`].
+#[derive(Clone, Copy, Debug)]
+pub struct PrevBlock<'a, F: Float> {
+    /// Block `l`.
+    pub block: &'a MhcBlock<F>,
+    /// Its input `x_l`.
+    pub x: ArrayView3<'a, F>,
+    /// Its sublayer's output `y_l`.
+    pub y: ArrayView2<'a, F>,
+    /// The weights its sublayer input was read out with, when they are not its own `H_pre`: under
+    /// [`Schedule::Shifted`](crate::Schedule::Shifted) block `l − 1`'s `H_pre`
+    /// ([`initial_pre`](crate::initial_pre) for block 0), as in
+    /// [`write_in_backward_linked_into`](MhcBlock::write_in_backward_linked_into).
+    pub prev_pre: Option<ArrayView2<'a, F>>,
 }

@@ -70,7 +70,7 @@ mod stack;
 pub mod streams;
 
 pub use backward::{ChainLink, Tape};
-pub use block::{BiasInit, Block, Connection, Mhc, MhcBlock, MhcConfig, MhcParams};
+pub use block::{BiasInit, Block, Connection, Mhc, MhcBlock, MhcConfig, MhcParams, PrevBlock};
 pub use error::{Error, Result};
 pub use float::Float;
 pub use hc::{Hc, HcBlock, HcConfig, HcParams};

@@ -8,11 +8,13 @@
 //!
 //! Between two blocks the stack runs the fused seam kernel
 //! ([`MhcBlock::write_in_seam_into`]): block `l`'s write-in, and block `l+1`'s projection,
-//! mappings and read-out, in one pass over the streams.
+//! mappings and read-out, in one pass over the streams; backward, the backward seam
+//! ([`MhcBlock::read_out_backward_seam_into`]): block `l+1`'s read-out half and block `l`'s
+//! write-in half, in one pass.
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use crate::backward::{reuse2, reuse3};
+use crate::backward::{SeamError, SeamPrev, backward_seam, reuse2, reuse3};
 use crate::error::check_same;
 use crate::error::{Error, Result, checked_size, try_zeroed};
 use crate::mixing::check_x;
@@ -139,7 +141,8 @@ impl<F: Float> StackTape<F> {
 }
 
 /// Reusable buffers of [`MhcStack::forward_into`] and [`MhcStack::backward_into`]: two stages for
-/// the forward (alternating), and the block tape and gradient buffers of the backward. Sized on
+/// the forward (alternating), and two block tapes (alternating) and the `H_pre` gradients of the
+/// backward. Sized on
 /// first use; after it the calls allocate nothing proportional to the number of tokens (the
 /// sublayer closures' results and the parameter gradients aside).
 ///
@@ -150,9 +153,8 @@ impl<F: Float> StackTape<F> {
 pub struct StackWorkspace<F> {
     stages: [Stage<F>; 2],
     e0: Array2<F>,
-    tape: Tape<F>,
-    g: Array3<F>,
-    dx: Array3<F>,
+    /// Block tapes of the backward pass: the seam fills one while the other is read.
+    tapes: [Tape<F>; 2],
     dpre: Array2<F>,
     dprev: Array2<F>,
 }
@@ -163,9 +165,7 @@ impl<F: Float> Default for StackWorkspace<F> {
         StackWorkspace {
             stages: [Stage::default(), Stage::default()],
             e0: Array2::zeros((0, 0)),
-            tape: Tape::default(),
-            g: Array3::zeros((0, 0, 0)),
-            dx: Array3::zeros((0, 0, 0)),
+            tapes: [Tape::default(), Tape::default()],
             dpre: Array2::zeros((0, 0)),
             dprev: Array2::zeros((0, 0)),
         }
@@ -499,7 +499,11 @@ impl<F: Float> MhcStack<F> {
     ///
     /// Each block recomputes its mappings and `u_l` from the kept `x_l`. Under the shifted
     /// schedule, block `l`'s `H_pre` gradient arrives from block `l+1`'s read-out:
-    /// `∂pre_l[j] = ⟨∂u_{l+1}, x_{l+1}[j]⟩` (SPEC §8).
+    /// `∂pre_l[j] = ⟨∂u_{l+1}, x_{l+1}[j]⟩` (SPEC §8). Between two blocks the stack runs the
+    /// backward seam ([`MhcBlock::read_out_backward_seam_into`]): block `l+1`'s read-out half and
+    /// block `l`'s write-in half in one pass, so `∂x_{l+1}` never leaves the cache. Under
+    /// [`Schedule::Current`] the result is bitwise equal to the blocks'
+    /// [`backward`](MhcBlock::backward) called one after the other.
     ///
     /// # Shapes
     ///
@@ -618,60 +622,73 @@ impl<F: Float> MhcStack<F> {
         check_same("dx", &[t, n, c], dx.shape())?;
         let shifted = self.schedule == Schedule::Shifted;
         let StackWorkspace {
-            tape: wt,
-            g,
-            dx: dxb,
+            tapes: [ta, tb],
             dpre,
             dprev,
             ..
         } = ws;
-        if nb > 1 {
-            reuse3(g, "g", t, n, c)?;
-            reuse3(dxb, "dx", t, n, c)?;
-        }
+        let (mut wt, mut wp) = (ta, tb);
         if shifted && nb > 1 {
             reuse2(dpre, "dpre", t, n)?;
             reuse2(dprev, "dprev", t, n)?;
         }
+        // The weights block l's sublayer input was read out with, when not its own H_pre.
+        let read_with = |l: usize| match (shifted, l) {
+            (false, _) => None,
+            (true, 0) => Some(tape.e0.view()),
+            (true, _) => Some(tape.stages[l - 1].maps.pre.view()),
+        };
+        let last = nb - 1;
+        self.blocks[last]
+            .write_in_backward_linked_into(
+                tape.stages[last].x.view(),
+                tape.ys[last].view(),
+                upstream,
+                read_with(last),
+                wt,
+            )
+            .map_err(Error::in_block(last))?;
         let mut grads = Vec::with_capacity(nb);
         for l in (0..nb).rev() {
-            let inb = Error::in_block(l);
+            // `wt` holds block l's write-in half, filled by the seam with block l+1 (or above).
             let block = &self.blocks[l];
-            let (xl, yl) = (tape.stages[l].x.view(), tape.ys[l].view());
-            let prev = match (shifted, l) {
-                (false, _) => None,
-                (true, 0) => Some(tape.e0.view()),
-                (true, _) => Some(tape.stages[l - 1].maps.pre.view()),
-            };
-            // ∂x_{l+1}: the caller's for the last block, else what block l+1 wrote into `g`.
-            let gin = if l == nb - 1 { upstream } else { g.view() };
-            block
-                .write_in_backward_linked_into(xl, yl, gin, prev, wt)
-                .map_err(inb)?;
+            let xl = tape.stages[l].x.view();
             let du = sublayer_vjp(l, wt.u.view(), wt.dy.view());
             // ∂ of block l's own H_pre from further down the chain: the caller's for the last
             // block (under both schedules its H_pre is the chain's output), else under `Shifted`
             // what block l+1's read-out wrote into `dpre`.
-            let own = match (l == nb - 1, shifted) {
+            let own = match (l == last, shifted) {
                 (true, _) => upstream_pre,
                 (false, true) => Some(dpre.view()),
                 (false, false) => None,
             };
             let link = ChainLink {
-                prev_pre: prev,
+                prev_pre: read_with(l),
                 dpre: own,
                 dprev_pre: (shifted && l > 0).then(|| dprev.view_mut()),
             };
-            let dst = if l == 0 {
-                dx.view_mut()
+            let p = if l == 0 {
+                block
+                    .read_out_backward_linked_into(xl, wt, du.view(), link, dx.view_mut())
+                    .map_err(Error::in_block(0))?
             } else {
-                dxb.view_mut()
+                // The backward seam: block l's read-out half and block l−1's write-in half.
+                let kp = self.blocks[l - 1].kernel();
+                let side = SeamPrev {
+                    k: &kp,
+                    x: tape.stages[l - 1].x.view(),
+                    y: tape.ys[l - 1].view(),
+                    ro: read_with(l - 1),
+                    tape: wp,
+                };
+                match backward_seam(&block.kernel(), xl, wt, du.view(), link, side) {
+                    Ok((dw, acc)) => block.grads(dw, acc),
+                    Err(SeamError::This(e)) => return Err(Error::in_block(l)(e)),
+                    Err(SeamError::Prev(e)) => return Err(Error::in_block(l - 1)(e)),
+                }
             };
-            let p = block
-                .read_out_backward_linked_into(xl, wt, du.view(), link, dst)
-                .map_err(Error::in_block(l))?;
             grads.push(p);
-            std::mem::swap(g, dxb);
+            std::mem::swap(&mut wt, &mut wp);
             std::mem::swap(dpre, dprev);
         }
         grads.reverse();

@@ -6,9 +6,10 @@ mod common;
 use common::*;
 use mhc::rand::{RngExt, SeedableRng, rngs::StdRng};
 use mhc::{
-    Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, Schedule, StackTape, StackWorkspace,
+    ChainLink, Error, Float, MhcBlock, MhcConfig, MhcParams, MhcStack, PrevBlock, Schedule,
+    StackTape, StackWorkspace, Tape, initial_pre,
 };
-use ndarray::{Array2, Array3, ArrayView2};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 use std::cell::RefCell;
 
 /// `F_l(u) = tanh(u·W_l)`'s VJP, recording `∂W_l`.
@@ -249,6 +250,234 @@ fn current_stack_equals_its_blocks_bitwise() {
     want.reverse();
     assert_eq!(dx, g);
     assert_eq!(grads, want);
+}
+
+/// The chain's backward pass without the backward seam: each block's write-in half, the
+/// sublayer's VJP and the read-out half one after the other, through the public linked
+/// primitives, with the stack's error tagging.
+fn unfused_backward(
+    stack: &MhcStack<f64>,
+    tape: &StackTape<f64>,
+    up: ArrayView3<f64>,
+    up_pre: Option<ArrayView2<f64>>,
+    mut vjp: impl FnMut(usize, ArrayView2<f64>, ArrayView2<f64>) -> Array2<f64>,
+) -> Result<(Array3<f64>, Vec<MhcParams<f64>>), Error> {
+    let inb = |index| {
+        move |e| Error::InBlock {
+            index,
+            source: Box::new(e),
+        }
+    };
+    let xs: Vec<_> = tape.inputs().collect();
+    let (nb, (t, n, _)) = (xs.len(), xs[0].dim());
+    let shifted = stack.schedule() == Schedule::Shifted;
+    let pres: Vec<_> = (0..nb)
+        .map(|l| stack.blocks()[l].mappings(xs[l]).unwrap().pre)
+        .collect();
+    let e0 = initial_pre::<f64>(t, n);
+    let ro = |l: usize| {
+        shifted.then(|| {
+            if l == 0 {
+                e0.view()
+            } else {
+                pres[l - 1].view()
+            }
+        })
+    };
+    let (mut g, mut dpre) = (up.to_owned(), None::<Array2<f64>>);
+    let mut grads = vec![];
+    for l in (0..nb).rev() {
+        let b = &stack.blocks()[l];
+        let mut tp = Tape::default();
+        b.write_in_backward_linked_into(xs[l], tape.outputs()[l].view(), g.view(), ro(l), &mut tp)
+            .map_err(inb(l))?;
+        let du = vjp(l, tp.u.view(), tp.dy.view());
+        let mut dprev = Array2::zeros((t, n));
+        let link = ChainLink {
+            prev_pre: ro(l),
+            dpre: if l == nb - 1 {
+                up_pre
+            } else {
+                dpre.as_ref().map(|d| d.view())
+            },
+            dprev_pre: (shifted && l > 0).then(|| dprev.view_mut()),
+        };
+        let mut dx = Array3::zeros(xs[l].raw_dim());
+        grads.push(
+            b.read_out_backward_linked_into(xs[l], &mut tp, du.view(), link, dx.view_mut())
+                .map_err(inb(l))?,
+        );
+        (g, dpre) = (dx, shifted.then_some(dprev));
+    }
+    grads.reverse();
+    Ok((g, grads))
+}
+
+/// The stack's backward pass, which fuses each block's read-out half with the previous block's
+/// write-in half (the backward seam), equals the unfused chain to the bit under both schedules,
+/// over several tasks and a partial sub-chunk, and gives the same errors: a NaN from a sublayer
+/// VJP (block 0, block 1), and a VJP of block 1 so large that block 0's `∂y` overflows (an error
+/// of block 0's VJP, after the seam).
+#[test]
+fn stack_backward_equals_the_unfused_chain_bitwise() {
+    for schedule in [Schedule::Current, Schedule::Shifted] {
+        let mut rng = StdRng::seed_from_u64(8);
+        let (t, n, c, nb) = (600, 4, 24, 3);
+        let (stack, ws) = random_stack(nb, n, c, schedule, &mut rng);
+        let x = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+        let (_, _, tape) = stack
+            .forward_train(x.view(), |l, u| tanh_layer(u, &ws[l]))
+            .unwrap();
+        let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+        let up_pre = Array2::from_shape_simple_fn((t, n), || rng.random::<f64>() - 0.5);
+        let vjp = |l: usize, u: ArrayView2<f64>, dy: ArrayView2<f64>| {
+            let y = tanh_layer(u, &ws[l]);
+            (&dy * &y.mapv(|v| 1.0 - v * v)).dot(&ws[l].t())
+        };
+        let got = stack.backward(&tape, up.view(), Some(up_pre.view()), vjp);
+        let want = unfused_backward(&stack, &tape, up.view(), Some(up_pre.view()), vjp);
+        assert_eq!(got, want, "{schedule:?}");
+        for (bad, v) in [(0, f64::NAN), (1, f64::NAN), (1, f64::MAX)] {
+            let vjp = |l: usize, u: ArrayView2<f64>, dy: ArrayView2<f64>| {
+                let mut d = vjp(l, u, dy);
+                if l == bad {
+                    d[[t - 3, 5]] = v;
+                }
+                d
+            };
+            let got = stack.backward(&tape, up.view(), None, vjp);
+            let want = unfused_backward(&stack, &tape, up.view(), None, vjp);
+            assert!(want.is_err(), "{schedule:?} {bad} {v}");
+            assert_eq!(got, want, "{schedule:?} {bad} {v}");
+        }
+    }
+}
+
+/// The public backward seam equals the two halves one after the other, and names its own bad
+/// inputs.
+#[test]
+fn backward_seam_primitive() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let (t, n, c) = (300, 4, 16);
+    let (stack, ws) = random_stack(2, n, c, Schedule::Shifted, &mut rng);
+    let [b0, b1] = stack.blocks() else {
+        unreachable!()
+    };
+    let x0 = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() * 2.0 - 1.0);
+    let e0 = initial_pre::<f64>(t, n);
+    let (_, _, tape) = stack
+        .forward_train(x0.view(), |l, u| tanh_layer(u, &ws[l]))
+        .unwrap();
+    let x1 = tape.inputs().nth(1).unwrap();
+    let (y0, y1) = (tape.outputs()[0].view(), tape.outputs()[1].view());
+    let pre0 = b0.mappings(x0.view()).unwrap().pre;
+    let up = Array3::from_shape_simple_fn((t, n, c), || rng.random::<f64>() - 0.5);
+    let mut t1 = Tape::default();
+    b1.write_in_backward_linked_into(x1, y1, up.view(), Some(pre0.view()), &mut t1)
+        .unwrap();
+    let du = t1.dy.mapv(|v| v * 0.5);
+    fn link<'a>(pre0: &'a Array2<f64>, d: &'a mut Array2<f64>) -> ChainLink<'a, f64> {
+        ChainLink {
+            prev_pre: Some(pre0.view()),
+            dpre: None,
+            dprev_pre: Some(d.view_mut()),
+        }
+    }
+    let (mut d_a, mut d_b) = (Array2::zeros((t, n)), Array2::zeros((t, n)));
+    let (mut t0, mut t0_) = (Tape::default(), Tape::default());
+    let side = PrevBlock {
+        block: b0,
+        x: x0.view(),
+        y: y0,
+        prev_pre: Some(e0.view()),
+    };
+    let g = b1
+        .read_out_backward_seam_into(x1, &mut t1, du.view(), link(&pre0, &mut d_a), side, &mut t0)
+        .unwrap();
+    let mut dx1 = Array3::zeros((t, n, c));
+    let g_ = b1
+        .read_out_backward_linked_into(
+            x1,
+            &mut t1,
+            du.view(),
+            link(&pre0, &mut d_b),
+            dx1.view_mut(),
+        )
+        .unwrap();
+    b0.write_in_backward_linked_into(x0.view(), y0, dx1.view(), Some(e0.view()), &mut t0_)
+        .unwrap();
+    assert_eq!((&g, &d_a, &t0.u, &t0.dy), (&g_, &d_b, &t0_.u, &t0_.dy));
+    // A non-finite y_0 (a tape edited by hand): block 0's write-in half fails inside the seam,
+    // with the error of the two calls one after the other.
+    let mut y_bad = y0.to_owned();
+    y_bad[[100, 3]] = f64::NAN;
+    let e = b1
+        .read_out_backward_seam_into(
+            x1,
+            &mut t1,
+            du.view(),
+            link(&pre0, &mut d_a),
+            PrevBlock {
+                y: y_bad.view(),
+                ..side
+            },
+            &mut t0,
+        )
+        .unwrap_err();
+    let e_ = b0
+        .write_in_backward_linked_into(
+            x0.view(),
+            y_bad.view(),
+            dx1.view(),
+            Some(e0.view()),
+            &mut t0_,
+        )
+        .unwrap_err();
+    assert_eq!(e, e_);
+    assert!(matches!(e, Error::NonFinite { index: 100, .. }), "{e:?}");
+    // Block 0 of another width, or another number of tokens: block 0's errors, after block 1's
+    // half ran.
+    let other = MhcBlock::<f64>::new(MhcConfig::new(n, c + 1), &mut rng).unwrap();
+    let x_other = Array3::zeros((t - 1, n, c));
+    for (side, what, expected, got) in [
+        (
+            PrevBlock {
+                block: &other,
+                ..side
+            },
+            "previous block",
+            vec![n, c],
+            vec![n, c + 1],
+        ),
+        (
+            PrevBlock {
+                x: x_other.view(),
+                ..side
+            },
+            "x",
+            vec![t, n, c],
+            vec![t - 1, n, c],
+        ),
+    ] {
+        let e = b1
+            .read_out_backward_seam_into(
+                x1,
+                &mut t1,
+                du.view(),
+                link(&pre0, &mut d_a),
+                side,
+                &mut t0,
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            Error::ShapeMismatch {
+                what,
+                expected,
+                got
+            }
+        );
+    }
 }
 
 /// The shifted stack in f32 over several tasks: the same bits on 1 and 4 threads.
