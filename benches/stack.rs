@@ -15,7 +15,10 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use mhc::rand::{SeedableRng, rngs::StdRng};
-use mhc::{MhcBlock, MhcConfig, MhcStack, Schedule, Stage};
+use mhc::{
+    ChainLink, MhcBlock, MhcConfig, MhcParams, MhcStack, PrevBlock, Schedule, StackTape,
+    StackWorkspace, Stage, Tape,
+};
 use ndarray::{Array2, Array3, ArrayView2};
 use std::hint::black_box;
 
@@ -58,6 +61,20 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("stack_shifted", &id), |b| {
             b.iter(|| black_box(shifted.forward(x.view(), copy).unwrap()))
         });
+        // The same with every buffer reused: fresh `[T, n, C]` buffers are paid in page faults
+        // (≈ 0.5–1.5 µs a 4 KiB page here), which the allocating forms above include.
+        for (name, stack) in [("current", &current), ("shifted", &shifted)] {
+            let mut ws = StackWorkspace::default();
+            let (mut out, mut pre) = (Array3::zeros((t, n, dim)), Array2::zeros((t, n)));
+            g.bench_function(BenchmarkId::new(format!("stack_{name}_into"), &id), |b| {
+                b.iter(|| {
+                    stack
+                        .forward_into(x.view(), copy, &mut ws, out.view_mut(), pre.view_mut())
+                        .unwrap();
+                    black_box(&out);
+                })
+            });
+        }
         g.finish();
 
         // One seam, and the two passes it replaces, with their bytes.
@@ -100,7 +117,184 @@ fn bench(c: &mut Criterion) {
             })
         });
         g.finish();
+
+        // Backward: the chain with the backward seam (`backward_into`) against the same blocks'
+        // linked halves one after the other, every buffer reused; and one seam against its two
+        // halves. The sublayer VJP is a copy too.
+        let up = Array3::from_shape_fn((t, n, dim), |(a, b, k)| {
+            ((a * 7 + b * 3 + k) % 89) as f32 / 89.0 - 0.5
+        });
+        let vjp = |_: usize, _: ArrayView2<f32>, dy: ArrayView2<f32>| dy.to_owned();
+        let mut g = c.benchmark_group("chain_backward");
+        g.sample_size(10);
+        for (name, stack) in [("shifted", &shifted), ("current", &current)] {
+            let mut tape = StackTape::default();
+            let (mut out, mut pre) = (Array3::zeros((t, n, dim)), Array2::zeros((t, n)));
+            stack
+                .forward_train_into(x.view(), copy, &mut tape, out.view_mut(), pre.view_mut())
+                .unwrap();
+            let mut ws = StackWorkspace::default();
+            let mut dx = Array3::zeros((t, n, dim));
+            g.bench_function(BenchmarkId::new(format!("stack_{name}"), &id), |b| {
+                b.iter(|| {
+                    black_box(
+                        stack
+                            .backward_into(&tape, up.view(), None, vjp, &mut ws, dx.view_mut())
+                            .unwrap(),
+                    )
+                })
+            });
+            let mut un = Unfused::default();
+            g.bench_function(BenchmarkId::new(format!("unfused_{name}"), &id), |b| {
+                b.iter(|| black_box(un.run(stack, &tape, up.view())))
+            });
+        }
+        g.finish();
+
+        let mut g = c.benchmark_group("backward_seam");
+        g.sample_size(20);
+        // Block 0 with a copy sublayer: y_0 = u_0, x_1 its output.
+        let (y0, m0) = blocks[0].read_out(x.view()).unwrap();
+        let x1 = blocks[0].write_in(x.view(), &m0, y0.view()).unwrap();
+        let mut t1 = Tape::default();
+        blocks[1]
+            .write_in_backward_into(x1.view(), y0.view(), up.view(), &mut t1)
+            .unwrap();
+        let du = t1.dy.clone();
+        let mut t0 = Tape::default();
+        g.bench_function(BenchmarkId::new("seam", &id), |b| {
+            b.iter(|| {
+                let prev = PrevBlock {
+                    block: &blocks[0],
+                    x: x.view(),
+                    y: y0.view(),
+                    prev_pre: None,
+                };
+                black_box(
+                    blocks[1]
+                        .read_out_backward_seam_into(
+                            x1.view(),
+                            &mut t1,
+                            du.view(),
+                            ChainLink::default(),
+                            prev,
+                            &mut t0,
+                        )
+                        .unwrap(),
+                )
+            })
+        });
+        let mut dx1 = Array3::zeros((t, n, dim));
+        g.bench_function(
+            BenchmarkId::new("read_out_half_then_write_in_half", &id),
+            |b| {
+                b.iter(|| {
+                    let p = blocks[1]
+                        .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
+                        .unwrap();
+                    blocks[0]
+                        .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
+                        .unwrap();
+                    black_box(p)
+                })
+            },
+        );
+        g.bench_function(BenchmarkId::new("read_out_half", &id), |b| {
+            b.iter(|| {
+                black_box(
+                    blocks[1]
+                        .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
+                        .unwrap(),
+                )
+            })
+        });
+        g.bench_function(BenchmarkId::new("write_in_half", &id), |b| {
+            b.iter(|| {
+                blocks[0]
+                    .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
+                    .unwrap();
+                black_box(&t0);
+            })
+        });
+        g.finish();
         report(&id);
+    }
+}
+
+/// A chain's backward pass without the backward seam: each block's linked write-in half, the
+/// VJP and its linked read-out half one after the other, with reused buffers.
+#[derive(Default)]
+struct Unfused {
+    tape: Tape<f32>,
+    g: Array3<f32>,
+    dx: Array3<f32>,
+    dpre: Array2<f32>,
+    dprev: Array2<f32>,
+    e0: Array2<f32>,
+    pres: Vec<Array2<f32>>,
+}
+
+impl Unfused {
+    fn ro(&self, shifted: bool, l: usize) -> Option<ndarray::ArrayView2<'_, f32>> {
+        match (shifted, l) {
+            (false, _) => None,
+            (true, 0) => Some(self.e0.view()),
+            (true, _) => Some(self.pres[l - 1].view()),
+        }
+    }
+
+    fn run(
+        &mut self,
+        stack: &MhcStack<f32>,
+        tape: &StackTape<f32>,
+        up: ndarray::ArrayView3<f32>,
+    ) -> Vec<MhcParams<f32>> {
+        let xs: Vec<_> = tape.inputs().collect();
+        let (nb, (t, n, c)) = (xs.len(), xs[0].dim());
+        let shifted = stack.schedule() == Schedule::Shifted;
+        if self.g.dim() != (t, n, c) {
+            self.g = Array3::zeros((t, n, c));
+            self.dx = Array3::zeros((t, n, c));
+            (self.dpre, self.dprev) = (Array2::zeros((t, n)), Array2::zeros((t, n)));
+            self.e0 = mhc::initial_pre(t, n);
+            // The H_pre the forward pass computed (the tape keeps them; recomputed once here).
+            self.pres = (0..nb)
+                .map(|l| stack.blocks()[l].mappings(xs[l]).unwrap().pre)
+                .collect();
+        }
+        let mut grads = vec![];
+        for l in (0..nb).rev() {
+            let b = &stack.blocks()[l];
+            let gin = if l == nb - 1 { up } else { self.g.view() };
+            let mut tp = std::mem::take(&mut self.tape);
+            b.write_in_backward_linked_into(
+                xs[l],
+                tape.outputs()[l].view(),
+                gin,
+                self.ro(shifted, l),
+                &mut tp,
+            )
+            .unwrap();
+            let du = tp.dy.clone();
+            let (mut dpre, mut dprev) = (
+                std::mem::take(&mut self.dpre),
+                std::mem::take(&mut self.dprev),
+            );
+            let mut dx = std::mem::take(&mut self.dx);
+            let link = ChainLink {
+                prev_pre: self.ro(shifted, l),
+                dpre: (shifted && l < nb - 1).then(|| dpre.view()),
+                dprev_pre: (shifted && l > 0).then(|| dprev.view_mut()),
+            };
+            grads.push(
+                b.read_out_backward_linked_into(xs[l], &mut tp, du.view(), link, dx.view_mut())
+                    .unwrap(),
+            );
+            std::mem::swap(&mut dpre, &mut dprev);
+            (self.tape, self.dpre, self.dprev) = (tp, dpre, dprev);
+            self.dx = std::mem::replace(&mut self.g, dx);
+        }
+        grads
     }
 }
 
@@ -111,13 +305,54 @@ fn median(group: &str, name: &str, id: &str) -> Option<f64> {
 fn report(id: &str) {
     println!("\n| {id} | median (ms) | ratio |\n|---|---|---|");
     let base = median("chain_forward", "blocks_one_by_one", id);
-    for name in ["blocks_one_by_one", "stack_current", "stack_shifted"] {
+    for name in [
+        "blocks_one_by_one",
+        "stack_current",
+        "stack_shifted",
+        "stack_current_into",
+        "stack_shifted_into",
+    ] {
         if let (Some(m), Some(b)) = (median("chain_forward", name, id), base) {
             println!(
                 "| chain of {BLOCKS}: {name} | {m:.2} | {:.3}× one by one |",
                 m / b
             );
         }
+    }
+    for name in ["shifted", "current"] {
+        let base = median("chain_backward", &format!("unfused_{name}"), id);
+        for v in ["unfused", "stack"] {
+            if let (Some(m), Some(b)) = (median("chain_backward", &format!("{v}_{name}"), id), base)
+            {
+                println!(
+                    "| backward of {BLOCKS}, {name}: {v} | {m:.2} | {:.3}× unfused |",
+                    m / b
+                );
+            }
+        }
+    }
+    let base = median("backward_seam", "read_out_half_then_write_in_half", id);
+    for name in [
+        "read_out_half",
+        "write_in_half",
+        "read_out_half_then_write_in_half",
+        "seam",
+    ] {
+        if let (Some(m), Some(b)) = (median("backward_seam", name, id), base) {
+            println!(
+                "| backward seam: {name} | {m:.2} | {:.3}× two halves |",
+                m / b
+            );
+        }
+    }
+    if let (Some(s), Some(c)) = (
+        median("chain_forward", "stack_shifted_into", id),
+        median("chain_forward", "stack_current_into", id),
+    ) {
+        println!(
+            "| chain of {BLOCKS}, reused buffers: shifted / current | | {:.3} |",
+            s / c
+        );
     }
     let base = median("seam", "write_in_then_read_out", id);
     for name in ["write_in_then_read_out", "seam_current", "seam_shifted"] {
