@@ -13,6 +13,7 @@
 //! to the parameters, without training): products of unconstrained matrices drift
 //! exponentially; products of doubly-stochastic ones cannot grow.
 
+use clap::{Parser, ValueEnum};
 use mhc::gain::{amax_gain, composite_gains, mean_res};
 use mhc::rand::{SeedableRng, rngs::StdRng};
 use mhc::{HcBlock, HcConfig, HcParams, MhcBlock, MhcConfig, MhcParams, MhcStack, Mlp, Schedule};
@@ -20,43 +21,35 @@ use ndarray::{Array, Array2, Array3, Dimension};
 use plotters::prelude::*;
 use rand_distr::{Distribution, Normal};
 
+/// Gains of the residual mixing across a deep stack, HC against mHC (see the module docs).
+#[derive(Parser)]
 struct Args {
+    /// Blocks in the stack.
+    #[arg(long, default_value_t = 64)]
     layers: usize,
+    /// Stream width C.
+    #[arg(long, default_value_t = 64)]
     dim: usize,
+    /// Tokens in the sequence.
+    #[arg(long, default_value_t = 128)]
     tokens: usize,
+    /// Standard deviations of the random parameter drift, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.3")]
     drift: Vec<f64>,
-    schedule: String,
+    /// Which mHC schedules to run.
+    #[arg(long, value_enum, default_value_t = Schedules::Both)]
+    schedule: Schedules,
+    /// Folder of the plots.
+    #[arg(long, default_value = "target/plots")]
     out: String,
 }
 
-fn args() -> Args {
-    let mut a = Args {
-        layers: 64,
-        dim: 64,
-        tokens: 128,
-        drift: vec![0.0, 0.1, 0.3],
-        schedule: "both".into(),
-        out: "target/plots".into(),
-    };
-    let v: Vec<String> = std::env::args().skip(1).collect();
-    for p in v.chunks(2) {
-        let val = p.get(1).map(String::as_str).unwrap_or_default();
-        match p[0].as_str() {
-            "--layers" => a.layers = val.parse().expect("--layers N"),
-            "--dim" => a.dim = val.parse().expect("--dim C"),
-            "--tokens" => a.tokens = val.parse().expect("--tokens T"),
-            "--drift" => {
-                a.drift = val
-                    .split(',')
-                    .map(|s| s.parse().expect("--drift a,b,c"))
-                    .collect()
-            }
-            "--schedule" => a.schedule = val.into(),
-            "--out" => a.out = val.into(),
-            other => panic!("unknown flag {other}; see the doc comment of examples/stability.rs"),
-        }
-    }
-    a
+/// `--schedule`: the paper's, DeepSeek-V4.1's single pass, or both.
+#[derive(Clone, Copy, ValueEnum)]
+enum Schedules {
+    Current,
+    Shifted,
+    Both,
 }
 
 fn drift<D: Dimension>(a: &mut Array<f32, D>, sigma: f64, rng: &mut StdRng) {
@@ -135,7 +128,7 @@ struct Curve {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let a = args();
+    let a = Args::parse();
     let (n, c, l, t) = (4usize, a.dim, a.layers, a.tokens);
     std::fs::create_dir_all(&a.out)?;
     let mut rng = StdRng::seed_from_u64(0);
@@ -155,11 +148,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| variant | drift σ | max single fwd | max single bwd | max composite fwd | max composite bwd | min composite fwd |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let variants: &[&str] = match a.schedule.as_str() {
-        "current" => &["HC", "mHC"],
-        "shifted" => &["HC", "mHC-shifted"],
-        "both" => &["HC", "mHC", "mHC-shifted"],
-        s => panic!("--schedule {s}: expected current, shifted or both"),
+    let variants: &[&str] = match a.schedule {
+        Schedules::Current => &["HC", "mHC"],
+        Schedules::Shifted => &["HC", "mHC-shifted"],
+        Schedules::Both => &["HC", "mHC", "mHC-shifted"],
     };
     for &sigma in &a.drift {
         for &variant in variants {

@@ -6,7 +6,6 @@
 //! residual,hc,mhc,mhc-id,mhc-shifted` picks the variants, `mhc-id` being mHC with the
 //! identity-like bias and `mhc-shifted` an `MhcStack` under DeepSeek-V4.1's single-pass schedule,
 //! read out at the top by the last block's `H_pre` instead of the mean of the streams)
-
 //!
 //! The task is generated here: regression onto a fixed random deep teacher network
 //! (`y* = teacher(h)`, a 4-layer tanh MLP). The student is `expand → L blocks (MLP C → 4C → C
@@ -15,6 +14,7 @@
 //! each learning rate and variant it reports the loss curve, the gradient norm over steps, the
 //! composite gains of the trained `H_res` and the final loss; plots go to `--out`.
 
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use mhc::gain::{composite_gains, mean_res};
 use mhc::rand::{SeedableRng, rngs::StdRng};
@@ -27,52 +27,41 @@ use plotters::prelude::*;
 use rand_distr::{Distribution, Normal};
 use std::cell::RefCell;
 
+/// Training of deep residual / HC / mHC stacks over a grid of learning rates (see the module
+/// docs).
+#[derive(Parser)]
 struct Args {
+    /// Blocks in the stack.
+    #[arg(long, default_value_t = 32)]
     layers: usize,
+    /// Stream width C.
+    #[arg(long, default_value_t = 32)]
     dim: usize,
+    /// Tokens a batch.
+    #[arg(long, default_value_t = 256)]
     tokens: usize,
+    /// Optimiser steps a run.
+    #[arg(long, default_value_t = 300)]
     steps: usize,
+    /// Learning rates, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1e-3,3e-3,1e-2,3e-2,1e-1"
+    )]
     lrs: Vec<f64>,
+    /// Variants, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "residual,hc,mhc")]
     variants: Vec<String>,
+    /// Gradient clipping norm (0: off).
+    #[arg(long, default_value_t = 0.0)]
     clip: f32,
+    /// Runs in parallel.
+    #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Folder of the plots.
+    #[arg(long, default_value = "target/plots")]
     out: String,
-}
-
-fn args() -> Args {
-    let mut a = Args {
-        layers: 32,
-        dim: 32,
-        tokens: 256,
-        steps: 300,
-        lrs: vec![1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-        variants: ["residual", "hc", "mhc"].map(String::from).to_vec(),
-        clip: 0.0,
-        threads: 2,
-        out: "target/plots".into(),
-    };
-    let v: Vec<String> = std::env::args().skip(1).collect();
-    for p in v.chunks(2) {
-        let val = p.get(1).map(String::as_str).unwrap_or_default();
-        match p[0].as_str() {
-            "--layers" => a.layers = val.parse().expect("--layers N"),
-            "--dim" => a.dim = val.parse().expect("--dim C"),
-            "--tokens" => a.tokens = val.parse().expect("--tokens T"),
-            "--steps" => a.steps = val.parse().expect("--steps N"),
-            "--variants" => a.variants = val.split(',').map(String::from).collect(),
-            "--lrs" => {
-                a.lrs = val
-                    .split(',')
-                    .map(|s| s.parse().expect("--lrs a,b"))
-                    .collect()
-            }
-            "--threads" => a.threads = val.parse().expect("--threads N"),
-            "--clip" => a.clip = val.parse().expect("--clip NORM (0: off)"),
-            "--out" => a.out = val.into(),
-            other => panic!("unknown flag {other}; see the doc comment of examples/train.rs"),
-        }
-    }
-    a
 }
 
 const STREAMS: usize = 4;
@@ -450,7 +439,7 @@ struct Run {
 }
 
 fn main() {
-    let a = args();
+    let a = Args::parse();
     rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads)
         .build_global()
