@@ -16,7 +16,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMu
 
 use crate::backward::{SeamError, SeamPrev, backward_seam, reuse2, reuse3};
 use crate::error::check_same;
-use crate::error::{Error, Result, checked_size, try_zeroed};
+use crate::error::{Error, Result};
 use crate::mixing::check_x;
 use crate::{ChainLink, Float, Mappings, MhcBlock, MhcParams, Tape};
 
@@ -412,11 +412,10 @@ impl<F: Float> MhcStack<F> {
     /// Zeroed `x_L` and `pre` buffers for `t` tokens.
     fn outputs(&self, t: usize) -> Result<(Array3<F>, Array2<F>)> {
         let (n, c) = self.dims();
-        let len = checked_size("out", &[t, n, c])?;
-        Ok((
-            Array3::from_shape_vec((t, n, c), try_zeroed("out", len)?).expect("t·n·c"),
-            Array2::from_shape_vec((t, n), try_zeroed("pre", t * n)?).expect("t·n"),
-        ))
+        let (mut out, mut pre) = (Array3::zeros((0, 0, 0)), Array2::zeros((0, 0)));
+        reuse3(&mut out, "out", t, n, c)?;
+        reuse2(&mut pre, "pre", t, n)?;
+        Ok((out, pre))
     }
 
     /// The chain forward. `stages` holds two stages (inference: they alternate) or one per block
@@ -549,8 +548,8 @@ impl<F: Float> MhcStack<F> {
     ) -> Result<(Array3<F>, Vec<MhcParams<F>>)> {
         let (n, c) = self.dims();
         let t = upstream.shape()[0];
-        let len = checked_size("dx", &[t, n, c])?;
-        let mut dx = Array3::from_shape_vec((t, n, c), try_zeroed("dx", len)?).expect("t·n·c");
+        let mut dx = Array3::zeros((0, 0, 0));
+        reuse3(&mut dx, "dx", t, n, c)?;
         let mut ws = StackWorkspace::default();
         let grads = self.backward_into(
             tape,
