@@ -26,6 +26,8 @@ use std::hint::black_box;
 mod common;
 
 const BLOCKS: usize = 4;
+/// Interleaved rounds of the paired comparisons (`common::paired_ratio`).
+const PAIRED_ROUNDS: usize = 15;
 
 fn copy(_: usize, u: ArrayView2<f32>) -> Array2<f32> {
     u.to_owned()
@@ -34,6 +36,7 @@ fn copy(_: usize, u: ArrayView2<f32>) -> Array2<f32> {
 fn bench(c: &mut Criterion) {
     for (n, dim, t) in common::shapes(&[(4, 1024, 4096)]) {
         let id = format!("n{n}_c{dim}_t{t}");
+        let mut paired = Vec::new();
         let mut rng = StdRng::seed_from_u64(0);
         let blocks: Vec<MhcBlock<f32>> = (0..BLOCKS)
             .map(|_| MhcBlock::new(MhcConfig::new(n, dim), &mut rng).unwrap())
@@ -148,6 +151,22 @@ fn bench(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(format!("unfused_{name}"), &id), |b| {
                 b.iter(|| black_box(un.run(stack, &tape, up.view())))
             });
+            let r = common::paired_ratio(
+                PAIRED_ROUNDS,
+                &mut || {
+                    black_box(un.run(stack, &tape, up.view()));
+                },
+                &mut || {
+                    black_box(
+                        stack
+                            .backward_into(&tape, up.view(), None, vjp, &mut ws, dx.view_mut())
+                            .unwrap(),
+                    );
+                },
+            );
+            paired.push(format!(
+                "| backward of {BLOCKS}, {name}: stack / unfused, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
+            ));
         }
         g.finish();
 
@@ -208,6 +227,42 @@ fn bench(c: &mut Criterion) {
                 )
             })
         });
+        let (mut t1b, mut t0b) = (t1.clone(), Tape::default());
+        let r = common::paired_ratio(
+            PAIRED_ROUNDS,
+            &mut || {
+                let p = blocks[1]
+                    .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
+                    .unwrap();
+                blocks[0]
+                    .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
+                    .unwrap();
+                black_box(p);
+            },
+            &mut || {
+                let prev = PrevBlock {
+                    block: &blocks[0],
+                    x: x.view(),
+                    y: y0.view(),
+                    prev_pre: None,
+                };
+                black_box(
+                    blocks[1]
+                        .read_out_backward_seam_into(
+                            x1.view(),
+                            &mut t1b,
+                            du.view(),
+                            ChainLink::default(),
+                            prev,
+                            &mut t0b,
+                        )
+                        .unwrap(),
+                );
+            },
+        );
+        paired.push(format!(
+            "| backward seam / two halves, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
+        ));
         g.bench_function(BenchmarkId::new("write_in_half", &id), |b| {
             b.iter(|| {
                 blocks[0]
@@ -218,6 +273,9 @@ fn bench(c: &mut Criterion) {
         });
         g.finish();
         report(&id);
+        for line in &paired {
+            println!("{line}");
+        }
     }
 }
 

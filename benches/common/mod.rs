@@ -28,3 +28,23 @@ pub fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
+
+/// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` then `b` in each round), so
+/// that the machine's load drifts alike for both: the ratio of two close variants on a noisy
+/// machine, where separate criterion runs a minute apart differ by more than the variants do.
+#[allow(dead_code)] // not every bench pairs variants
+pub fn paired_ratio(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> f64 {
+    let time = |f: &mut dyn FnMut()| {
+        let s = std::time::Instant::now();
+        f();
+        s.elapsed().as_secs_f64()
+    };
+    let mut r: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let ta = time(a);
+            time(b) / ta
+        })
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
+}

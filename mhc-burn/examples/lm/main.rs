@@ -20,7 +20,8 @@
 //! norm, and the composite forward / backward Amax gains of the trained `H_res` over depth
 //! (paper Fig. 3/7: each block's `H_res` averaged over a validation batch's tokens), as SVG; the
 //! final table (validation loss, bits per character, max composite gains, wall time) as
-//! markdown in `lm.md`.
+//! markdown in `lm.md`; the curves and the gains as CSV (`lm_curves.csv`, `lm_gains.csv`), so
+//! that runs made in separate processes can be plotted together.
 
 #[path = "model.rs"]
 mod model;
@@ -343,6 +344,49 @@ fn main() {
     let path = format!("{}/lm_composite_gain.svg", args.out);
     plot_gains(&path, &runs).expect("plot");
     println!("wrote {path}");
+    for (name, text) in [
+        ("lm_curves.csv", curves_csv(&runs)),
+        ("lm_gains.csv", gains_csv(&runs)),
+    ] {
+        let path = format!("{}/{name}", args.out);
+        std::fs::write(&path, text).expect("write the csv");
+        println!("wrote {path}");
+    }
+}
+
+/// Every run's curves as CSV (`variant,seed,lr,series,step,value`; `series` is `train`,
+/// `valid` or `grad_norm`), so that runs made in separate processes can be plotted together.
+fn curves_csv(runs: &[Run]) -> String {
+    let mut s = String::from("variant,seed,lr,series,step,value\n");
+    for r in runs {
+        for (series, pts) in [
+            ("train", &r.train),
+            ("valid", &r.valid),
+            ("grad_norm", &r.grad_norm),
+        ] {
+            for (step, v) in pts {
+                s += &format!(
+                    "{},{},{},{series},{step},{v}\n",
+                    r.variant.name(),
+                    r.seed,
+                    r.lr
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Every run's composite gains after training as CSV (`variant,seed,lr,layer,forward,backward`;
+/// none for the residual baseline).
+fn gains_csv(runs: &[Run]) -> String {
+    let mut s = String::from("variant,seed,lr,layer,forward,backward\n");
+    for r in runs {
+        for (l, (f, b)) in r.composite.iter().enumerate() {
+            s += &format!("{},{},{},{l},{f},{b}\n", r.variant.name(), r.seed, r.lr);
+        }
+    }
+    s
 }
 
 fn report(runs: &[Run]) -> String {
