@@ -180,97 +180,72 @@ fn bench(c: &mut Criterion) {
             .write_in_backward_into(x1.view(), y0.view(), up.view(), &mut t1)
             .unwrap();
         let du = t1.dy.clone();
-        let mut t0 = Tape::default();
-        g.bench_function(BenchmarkId::new("seam", &id), |b| {
-            b.iter(|| {
-                let prev = PrevBlock {
-                    block: &blocks[0],
-                    x: x.view(),
-                    y: y0.view(),
-                    prev_pre: None,
-                };
-                black_box(
-                    blocks[1]
-                        .read_out_backward_seam_into(
-                            x1.view(),
-                            &mut t1,
-                            du.view(),
-                            ChainLink::default(),
-                            prev,
-                            &mut t0,
-                        )
-                        .unwrap(),
+        // One backward seam, and the two halves it fuses (the read-out half's ∂x_1 into `dx1`).
+        let seam = |t1: &mut Tape<f32>, t0: &mut Tape<f32>| {
+            let prev = PrevBlock {
+                block: &blocks[0],
+                x: x.view(),
+                y: y0.view(),
+                prev_pre: None,
+            };
+            blocks[1]
+                .read_out_backward_seam_into(
+                    x1.view(),
+                    t1,
+                    du.view(),
+                    ChainLink::default(),
+                    prev,
+                    t0,
                 )
-            })
+                .unwrap()
+        };
+        let read_out_half = |t1: &mut Tape<f32>, dx1: &mut Array3<f32>| {
+            blocks[1]
+                .read_out_backward_into(x1.view(), t1, du.view(), dx1.view_mut())
+                .unwrap()
+        };
+        let write_in_half = |t0: &mut Tape<f32>, dx1: &Array3<f32>| {
+            blocks[0]
+                .write_in_backward_into(x.view(), y0.view(), dx1.view(), t0)
+                .unwrap()
+        };
+        let (mut t0, mut dx1) = (Tape::default(), Array3::zeros((t, n, dim)));
+        g.bench_function(BenchmarkId::new("seam", &id), |b| {
+            b.iter(|| black_box(seam(&mut t1, &mut t0)))
         });
-        let mut dx1 = Array3::zeros((t, n, dim));
         g.bench_function(
             BenchmarkId::new("read_out_half_then_write_in_half", &id),
             |b| {
                 b.iter(|| {
-                    let p = blocks[1]
-                        .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
-                        .unwrap();
-                    blocks[0]
-                        .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
-                        .unwrap();
+                    let p = read_out_half(&mut t1, &mut dx1);
+                    write_in_half(&mut t0, &dx1);
                     black_box(p)
                 })
             },
         );
         g.bench_function(BenchmarkId::new("read_out_half", &id), |b| {
+            b.iter(|| black_box(read_out_half(&mut t1, &mut dx1)))
+        });
+        g.bench_function(BenchmarkId::new("write_in_half", &id), |b| {
             b.iter(|| {
-                black_box(
-                    blocks[1]
-                        .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
-                        .unwrap(),
-                )
+                write_in_half(&mut t0, &dx1);
+                black_box(&t0);
             })
         });
         let (mut t1b, mut t0b) = (t1.clone(), Tape::default());
         let r = common::paired_ratio(
             PAIRED_ROUNDS,
             &mut || {
-                let p = blocks[1]
-                    .read_out_backward_into(x1.view(), &mut t1, du.view(), dx1.view_mut())
-                    .unwrap();
-                blocks[0]
-                    .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
-                    .unwrap();
-                black_box(p);
+                black_box(read_out_half(&mut t1, &mut dx1));
+                write_in_half(&mut t0, &dx1);
             },
             &mut || {
-                let prev = PrevBlock {
-                    block: &blocks[0],
-                    x: x.view(),
-                    y: y0.view(),
-                    prev_pre: None,
-                };
-                black_box(
-                    blocks[1]
-                        .read_out_backward_seam_into(
-                            x1.view(),
-                            &mut t1b,
-                            du.view(),
-                            ChainLink::default(),
-                            prev,
-                            &mut t0b,
-                        )
-                        .unwrap(),
-                );
+                black_box(seam(&mut t1b, &mut t0b));
             },
         );
         paired.push(format!(
             "| backward seam / two halves, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
         ));
-        g.bench_function(BenchmarkId::new("write_in_half", &id), |b| {
-            b.iter(|| {
-                blocks[0]
-                    .write_in_backward_into(x.view(), y0.view(), dx1.view(), &mut t0)
-                    .unwrap();
-                black_box(&t0);
-            })
-        });
         g.finish();
         report(&id);
         for line in &paired {
@@ -360,64 +335,61 @@ fn median(group: &str, name: &str, id: &str) -> Option<f64> {
     common::median_ns(group, name, id).map(|ns| ns / 1e6)
 }
 
+/// Rows `| {label}{name} | median | ratio{unit} |` of `group`'s `names`, each against `base`.
+fn rows(group: &str, id: &str, base: &str, names: &[&str], label: &str, unit: &str) {
+    let Some(b) = median(group, base, id) else {
+        return;
+    };
+    for name in names {
+        if let Some(m) = median(group, name, id) {
+            println!("| {label}{name} | {m:.2} | {:.3}{unit} |", m / b);
+        }
+    }
+}
+
 fn report(id: &str) {
     println!("\n| {id} | median (ms) | ratio |\n|---|---|---|");
-    let base = median("chain_forward", "blocks_one_by_one", id);
-    for name in [
+    let chain = [
         "blocks_one_by_one",
         "stack_current",
         "stack_shifted",
         "stack_current_into",
         "stack_shifted_into",
-    ] {
-        if let (Some(m), Some(b)) = (median("chain_forward", name, id), base) {
-            println!(
-                "| chain of {BLOCKS}: {name} | {m:.2} | {:.3}× one by one |",
-                m / b
-            );
-        }
-    }
+    ];
+    let label = format!("chain of {BLOCKS}: ");
+    rows(
+        "chain_forward",
+        id,
+        chain[0],
+        &chain,
+        &label,
+        "× one by one",
+    );
     for name in ["shifted", "current"] {
-        let base = median("chain_backward", &format!("unfused_{name}"), id);
-        for v in ["unfused", "stack"] {
-            if let (Some(m), Some(b)) = (median("chain_backward", &format!("{v}_{name}"), id), base)
-            {
-                println!(
-                    "| backward of {BLOCKS}, {name}: {v} | {m:.2} | {:.3}× unfused |",
-                    m / b
-                );
-            }
-        }
+        let (un, st) = (format!("unfused_{name}"), format!("stack_{name}"));
+        let label = format!("backward of {BLOCKS}, {name}: ");
+        rows("chain_backward", id, &un, &[&un, &st], &label, "× unfused");
     }
-    let base = median("backward_seam", "read_out_half_then_write_in_half", id);
-    for name in [
+    let halves = [
         "read_out_half",
         "write_in_half",
         "read_out_half_then_write_in_half",
         "seam",
-    ] {
-        if let (Some(m), Some(b)) = (median("backward_seam", name, id), base) {
-            println!(
-                "| backward seam: {name} | {m:.2} | {:.3}× two halves |",
-                m / b
-            );
-        }
-    }
-    if let (Some(s), Some(c)) = (
-        median("chain_forward", "stack_shifted_into", id),
-        median("chain_forward", "stack_current_into", id),
-    ) {
-        println!(
-            "| chain of {BLOCKS}, reused buffers: shifted / current | | {:.3} |",
-            s / c
-        );
-    }
-    let base = median("seam", "write_in_then_read_out", id);
-    for name in ["write_in_then_read_out", "seam_current", "seam_shifted"] {
-        if let (Some(m), Some(b)) = (median("seam", name, id), base) {
-            println!("| {name} | {m:.2} | {:.3}× two passes |", m / b);
-        }
-    }
+    ];
+    let label = "backward seam: ";
+    rows(
+        "backward_seam",
+        id,
+        halves[2],
+        &halves,
+        label,
+        "× two halves",
+    );
+    let label = format!("chain of {BLOCKS}, reused buffers, shifted / current: ");
+    let into = ["stack_shifted_into"];
+    rows("chain_forward", id, "stack_current_into", &into, &label, "");
+    let seams = ["write_in_then_read_out", "seam_current", "seam_shifted"];
+    rows("seam", id, seams[0], &seams, "", "× two passes");
 }
 
 criterion_group!(benches, bench);
