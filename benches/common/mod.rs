@@ -29,7 +29,7 @@ pub fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
     v["median"]["point_estimate"].as_f64()
 }
 
-/// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` then `b` in each round), so
+/// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` first in even rounds, `b` in odd ones), so
 /// that the machine's load drifts alike for both: the ratio of two close variants on a noisy
 /// machine, where separate criterion runs a minute apart differ by more than the variants do.
 #[allow(dead_code)] // not every bench pairs variants
@@ -40,9 +40,15 @@ pub fn paired_ratio(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> 
         s.elapsed().as_secs_f64()
     };
     let mut r: Vec<f64> = (0..rounds)
-        .map(|_| {
-            let ta = time(a);
-            time(b) / ta
+        .map(|i| {
+            // Alternate which goes first, so that neither always inherits the other's caches.
+            if i % 2 == 0 {
+                let ta = time(a);
+                time(b) / ta
+            } else {
+                let tb = time(b);
+                tb / time(a)
+            }
         })
         .collect();
     r.sort_by(f64::total_cmp);
