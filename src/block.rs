@@ -1097,8 +1097,10 @@ impl<F: Float> Block<F, Mhc> {
     /// [`write_in_backward_linked_into`](Self::write_in_backward_linked_into), whose upstream
     /// gradient is this block's `∂x_{l+1}`. Per chunk of tokens, `∂x_{l+1}` is completed in
     /// cache and consumed there by block `l`'s write-in half: it is never written to memory,
-    /// which saves `2·n·C` values of traffic a token (what
-    /// [`MhcStack::backward_into`](crate::MhcStack::backward_into) does between blocks).
+    /// which saves `2·n·C` values of traffic a token and a `[T, n, C]` buffer (what
+    /// [`MhcStack::backward_into`](crate::MhcStack::backward_into) does between blocks). On a
+    /// 2-core Zen 3 it is no faster than the two halves (the backward pass is bound by its
+    /// arithmetic; BENCHMARKS.md).
     ///
     /// Returns this block's parameter gradients and fills `prev_tape` as block `l`'s
     /// `write_in_backward_linked_into` would; bitwise equal to the two calls one after the other.
