@@ -163,11 +163,8 @@ pub(crate) fn write_in_backward_into<F: Float>(
     let (n, c) = k.dims();
     check_x(x.shape(), n, c)?;
     let t = x.shape()[0];
-    check_same("y", &[t, c], y.shape())?;
+    check_write_in_side(t, n, c, y, ro.as_ref())?;
     check_same("upstream", &[t, n, c], upstream.shape())?;
-    if let Some(r) = &ro {
-        check_same("read-out weights", &[t, n], r.shape())?;
-    }
     let ro = ro.as_ref().map(|r| r.as_standard_layout());
     let ro = ro.as_ref().map(|r| r.as_slice().expect("standard layout"));
     let (rpt, m) = (k.rows_per_token(), k.width());
@@ -195,6 +192,21 @@ pub(crate) fn write_in_backward_into<F: Float>(
             },
         )
     })
+}
+
+/// The write-in half's `y` (`[t, C]`) and read-out weights (`[t, n]`) for `t` tokens.
+fn check_write_in_side<F>(
+    t: usize,
+    n: usize,
+    c: usize,
+    y: ArrayView2<F>,
+    ro: Option<&ArrayView2<F>>,
+) -> Result<()> {
+    check_same("y", &[t, c], y.shape())?;
+    if let Some(r) = ro {
+        check_same("read-out weights", &[t, n], r.shape())?;
+    }
+    Ok(())
 }
 
 /// What the write-in half reads, for all `T` tokens: `x` (`[T, n, C]`), `y` (`[T, C]`), and the
@@ -528,11 +540,7 @@ pub(crate) fn backward_seam<F: Float, K0: MappingKernel<F>>(
     let pre_checks = || -> Result<()> {
         check_same("previous block", &[n, c], &[kp.dims().0, kp.dims().1])?;
         check_same("x", &[t, n, c], xp.shape())?;
-        check_same("y", &[t, c], yp.shape())?;
-        if let Some(r) = &rop {
-            check_same("read-out weights", &[t, n], r.shape())?;
-        }
-        Ok(())
+        check_write_in_side(t, n, c, yp, rop.as_ref())
     };
     let mut prev_err = pre_checks().err();
     let rop = rop.as_ref().map(|r| r.as_standard_layout());
@@ -885,45 +893,47 @@ fn read_out_backward_run<F: Float, S: Send>(
         .zip(sinks)
         .zip(errs.iter_mut())
         .collect();
-    par::try_for_each(tasks, |i, ((((dst, part), ro_grad), mut state), err)| {
-        par::vectorized(
-            #[inline(always)]
-            || {
-                let t0 = i * tt;
-                let tc = (t - t0).min(tt);
-                let (dw, acc) = part.split_at_mut(kk * m);
-                acc.fill(F::zero());
-                let mut r = RoTask {
-                    dw,
-                    acc,
-                    ro_grad,
-                    dpre: vec![F::zero(); SUB_TOKENS * n],
-                    dargs: vec![F::zero(); tc * rpt * m],
-                    ws: MapScratch::default(),
-                };
-                let mut scratch = match dst {
-                    Some(_) => Vec::new(),
-                    None => vec![F::zero(); SUB_TOKENS * n * c],
-                };
-                let mut dst = dst;
-                for a in (0..tc).step_by(SUB_TOKENS) {
-                    let b = (a + SUB_TOKENS).min(tc);
-                    let dxs = match dst.as_deref_mut() {
-                        Some(d) => &mut d[a * n * c..b * n * c],
-                        None => &mut scratch[..(b - a) * n * c],
+    par::try_for_each(
+        tasks,
+        |i, ((((mut dst, part), ro_grad), mut state), err)| {
+            par::vectorized(
+                #[inline(always)]
+                || {
+                    let t0 = i * tt;
+                    let tc = (t - t0).min(tt);
+                    let (dw, acc) = part.split_at_mut(kk * m);
+                    acc.fill(F::zero());
+                    let mut r = RoTask {
+                        dw,
+                        acc,
+                        ro_grad,
+                        dpre: vec![F::zero(); SUB_TOKENS * n],
+                        dargs: vec![F::zero(); tc * rpt * m],
+                        ws: MapScratch::default(),
                     };
-                    ro_sub(k, &inp, t0, a, b, dxs, &mut r)?;
-                    if err.is_none()
-                        && let Err(e) = sink(&mut state, t0, a, b, dxs)
-                    {
-                        *err = Some(e);
+                    let mut scratch = match dst {
+                        Some(_) => Vec::new(),
+                        None => vec![F::zero(); SUB_TOKENS * n * c],
+                    };
+                    for a in (0..tc).step_by(SUB_TOKENS) {
+                        let b = (a + SUB_TOKENS).min(tc);
+                        let dxs = match dst.as_deref_mut() {
+                            Some(d) => &mut d[a * n * c..b * n * c],
+                            None => &mut scratch[..(b - a) * n * c],
+                        };
+                        ro_sub(k, &inp, t0, a, b, dxs, &mut r)?;
+                        if err.is_none()
+                            && let Err(e) = sink(&mut state, t0, a, b, dxs)
+                        {
+                            *err = Some(e);
+                        }
                     }
-                }
-                ro_dw(k, x, t0, tc, &mut r);
-                Ok(())
-            },
-        )
-    })?;
+                    ro_dw(k, x, t0, tc, &mut r);
+                    Ok(())
+                },
+            )
+        },
+    )?;
     // Only the tasks' partials: with no tokens there are none, and a reused tape's buffer holds
     // the previous call's.
     let mut it = parts[..ntasks * part_len].chunks(part_len);

@@ -29,9 +29,10 @@ pub fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
     v["median"]["point_estimate"].as_f64()
 }
 
-/// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` first in even rounds, `b` in odd ones), so
-/// that the machine's load drifts alike for both: the ratio of two close variants on a noisy
-/// machine, where separate criterion runs a minute apart differ by more than the variants do.
+/// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` first in even rounds, `b` in
+/// odd ones), so that the machine's load drifts alike for both: the ratio of two close variants
+/// on a noisy machine, where separate criterion runs a minute apart differ by more than the
+/// variants do.
 #[allow(dead_code)] // not every bench pairs variants
 pub fn paired_ratio(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> f64 {
     let time = |f: &mut dyn FnMut()| {
