@@ -91,11 +91,6 @@ fn fold2_lanes<F: Float>(a: &[F], b: &[F], t: Term) -> F {
     combine(acc)
 }
 
-/// [`fold2`] for `f32` with AVX2: the same [`LANES`] partial sums, eight to a register (lane `l`
-/// of register `g` is partial sum `8g + l`), the same additions in the same order. LLVM compiles
-/// the scalar loop's 32-element array into pairs of lanes shuffled between registers (≈ 0.8 µs
-/// for 4096 values, where four independent vector chains take ≈ 0.1 µs), so the registers are
-/// spelled out.
 /// [`fold2_avx`] as a `pulp` operation, run in an AVX2 context of its own.
 #[cfg(target_arch = "x86_64")]
 struct Avx<'a> {
@@ -114,6 +109,11 @@ impl pulp::WithSimd for Avx<'_> {
     }
 }
 
+/// [`fold2`] for `f32` with AVX2: the same [`LANES`] partial sums, eight to a register (lane `l`
+/// of register `g` is partial sum `8g + l`), the same additions in the same order. LLVM compiles
+/// the scalar loop's 32-element array into pairs of lanes shuffled between registers (≈ 0.8 µs
+/// for 4096 values, where four independent vector chains take ≈ 0.1 µs), so the registers are
+/// spelled out.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn fold2_avx(simd: pulp::x86::V3, a: &[f32], b: &[f32], t: Term) -> f32 {

@@ -459,14 +459,22 @@ impl<F: Float> MhcStack<F> {
             )
             .map_err(inb(0))?;
         let last = self.blocks.len() - 1;
+        // Block l's input: the caller's `x` for block 0 (not copied in inference), a stage after.
+        fn input<'a, F>(l: usize, x: &'a ArrayView3<F>, st: &'a Stage<F>) -> ArrayView3<'a, F> {
+            if l == 0 { x.view() } else { st.x.view() }
+        }
         for (l, block) in self.blocks.iter().enumerate() {
             let y = sublayer(l, stages[idx(l)].u.view());
             check_same("sublayer output", &[t, c], y.shape()).map_err(inb(l))?;
             if l == last {
                 let cur = &stages[idx(l)];
-                let xl = if l == 0 { x } else { cur.x.view() };
-                crate::mixing::write_in_into(xl, &cur.maps, y.view(), out.view_mut())
-                    .map_err(inb(l))?;
+                crate::mixing::write_in_into(
+                    input(l, &x, cur),
+                    &cur.maps,
+                    y.view(),
+                    out.view_mut(),
+                )
+                .map_err(inb(l))?;
                 pre.assign(&cur.maps.pre);
                 if let Some(ys) = ys.as_mut() {
                     ys.push(y);
@@ -476,7 +484,7 @@ impl<F: Float> MhcStack<F> {
             let (cur, next) = split(stages, idx(l), idx(l + 1));
             block
                 .write_in_seam_into(
-                    if l == 0 { x } else { cur.x.view() },
+                    input(l, &x, cur),
                     &cur.maps,
                     y.view(),
                     &self.blocks[l + 1],
