@@ -467,11 +467,15 @@ fn plot_curves(path: &str, runs: &[Run], what: usize) -> Result<(), Box<dyn std:
     for r in runs {
         let c = color(r.variant);
         let pts: Vec<(f32, f32)> = series(r).into_iter().map(|(s, v)| (s as f32, v)).collect();
-        chart
-            .draw_series(LineSeries::new(
-                pts,
-                c.stroke_width(if r.seed == 0 { 2 } else { 1 }),
-            ))?
+        let style = c.stroke_width(if r.seed == 0 { 2 } else { 1 });
+        // The two mHC schedules train alike; the shifted one is dashed so that the other shows
+        // through where the curves coincide.
+        let series = if r.variant == Variant::MhcShifted {
+            chart.draw_series(DashedLineSeries::new(pts, 8, 5, style))?
+        } else {
+            chart.draw_series(LineSeries::new(pts, style))?
+        };
+        series
             .label(format!(
                 "{} (seed {}, lr {:.0e})",
                 r.variant.name(),
@@ -527,11 +531,20 @@ fn plot_gains(path: &str, runs: &[Run]) -> Result<(), Box<dyn std::error::Error>
             .enumerate()
             .map(|(l, g)| (l as f64, g.1))
             .collect();
+        let fwd_pts = fwd.clone();
         chart
             .draw_series(LineSeries::new(fwd, c.stroke_width(2)))?
             .label(format!("{} (seed {})", r.variant.name(), r.seed))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
-        chart.draw_series(DashedLineSeries::new(bwd, 6, 4, c.stroke_width(1)))?;
+        chart.draw_series(DashedLineSeries::new(bwd.clone(), 6, 4, c.stroke_width(1)))?;
+        // mHC's two schedules both stay near 1: a marker per point tells them apart where the
+        // lines coincide (triangles for the shifted schedule, circles for the others).
+        let pts = fwd_pts.iter().chain(&bwd).copied();
+        if r.variant == Variant::MhcShifted {
+            chart.draw_series(pts.map(|p| TriangleMarker::new(p, 5, c.filled())))?;
+        } else {
+            chart.draw_series(pts.map(|p| Circle::new(p, 3, c.filled())))?;
+        }
     }
     chart
         .configure_series_labels()
