@@ -3,7 +3,9 @@
 //!
 //! Run: `cargo bench --bench stack -- --warm-up-time 1 --measurement-time 4`; one shape:
 //! `MHC_BENCH_SHAPES=n4_c1024_t4096 cargo bench --bench stack`. At the end it prints the medians
-//! and ratios of the run.
+//! and ratios of the run, and the ratios of the pairs compared in interleaved rounds (the two
+//! schedules' chains and seams, each seam against the two passes, the backward chains and seam
+//! against their unfused forms), which the machine's drift between benches does not bias.
 //!
 //! The sublayer is a copy (`y = u`), so the chain's own kernels dominate. Predictions
 //! (n = 4, C = 1024, T = 4096, f32, 2 threads; BENCHMARKS.md's triad ≈ 19–26 GiB/s and faer GEMM
@@ -19,7 +21,7 @@ use mhc::{
     ChainLink, MhcBlock, MhcConfig, MhcParams, MhcStack, PrevBlock, Schedule, StackTape,
     StackWorkspace, Stage, Tape,
 };
-use ndarray::{Array2, Array3, ArrayView2};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 use std::hint::black_box;
 
 #[path = "common/mod.rs"]
@@ -31,6 +33,19 @@ const PAIRED_ROUNDS: usize = 15;
 
 fn copy(_: usize, u: ArrayView2<f32>) -> Array2<f32> {
     u.to_owned()
+}
+
+/// `stack.forward_into` on `x` with buffers of its own, for the paired rounds.
+fn forward_into<'a>(stack: &'a MhcStack<f32>, x: ArrayView3<'a, f32>) -> impl FnMut() + 'a {
+    let (t, n, dim) = x.dim();
+    let mut ws = StackWorkspace::default();
+    let (mut out, mut pre) = (Array3::zeros((t, n, dim)), Array2::zeros((t, n)));
+    move || {
+        stack
+            .forward_into(x, copy, &mut ws, out.view_mut(), pre.view_mut())
+            .unwrap();
+        black_box(&out);
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -67,23 +82,36 @@ fn bench(c: &mut Criterion) {
         // The same with every buffer reused: fresh `[T, n, C]` buffers are paid in page faults
         // (≈ 0.5–1.5 µs a 4 KiB page here), which the allocating forms above include.
         for (name, stack) in [("current", &current), ("shifted", &shifted)] {
-            let mut ws = StackWorkspace::default();
-            let (mut out, mut pre) = (Array3::zeros((t, n, dim)), Array2::zeros((t, n)));
+            let mut run = forward_into(stack, x.view());
             g.bench_function(BenchmarkId::new(format!("stack_{name}_into"), &id), |b| {
-                b.iter(|| {
-                    stack
-                        .forward_into(x.view(), copy, &mut ws, out.view_mut(), pre.view_mut())
-                        .unwrap();
-                    black_box(&out);
-                })
+                b.iter(&mut run)
             });
         }
         g.finish();
+        // The schedules against each other in interleaved rounds: their medians above swing by
+        // ±10 % between runs on a shared machine.
+        let xv = x.view();
+        let r = common::paired_ratio(
+            PAIRED_ROUNDS,
+            &mut forward_into(&current, xv),
+            &mut forward_into(&shifted, xv),
+        );
+        paired.push(format!(
+            "| forward of {BLOCKS}, reused buffers: shifted / current, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
+        ));
 
         // One seam, and the two passes it replaces, with their bytes.
         let (u, maps) = blocks[0].read_out(x.view()).unwrap();
         let y = u.clone();
-        let mut stage = Stage::default();
+        let (b0, b1, maps, yv) = (&blocks[0], &blocks[1], &maps, y.view());
+        let seam = |sched: Schedule| {
+            let mut stage = Stage::default();
+            move || {
+                b0.write_in_seam_into(xv, maps, yv, b1, sched, &mut stage)
+                    .unwrap();
+                black_box(&stage);
+            }
+        };
         let mut g = c.benchmark_group("seam");
         g.sample_size(20);
         let bytes = ((2 * n + 2) * dim * t * 4) as u64;
@@ -92,34 +120,39 @@ fn bench(c: &mut Criterion) {
             ("seam_shifted", Schedule::Shifted),
             ("seam_current", Schedule::Current),
         ] {
-            g.bench_function(BenchmarkId::new(name, &id), |b| {
-                b.iter(|| {
-                    blocks[0]
-                        .write_in_seam_into(
-                            x.view(),
-                            &maps,
-                            y.view(),
-                            &blocks[1],
-                            sched,
-                            &mut stage,
-                        )
-                        .unwrap();
-                    black_box(&stage);
-                })
-            });
+            let mut run = seam(sched);
+            g.bench_function(BenchmarkId::new(name, &id), |b| b.iter(&mut run));
         }
         let mut out = Array3::zeros((t, n, dim));
         let (mut m2, mut u2) = (mhc::Mappings::zeros(t, n), Array2::zeros((t, dim)));
+        let mut two_passes = || {
+            mhc::mixing::write_in_into(xv, maps, yv, out.view_mut()).unwrap();
+            blocks[1]
+                .read_out_into(out.view(), &mut m2, u2.view_mut())
+                .unwrap();
+            black_box(&u2);
+        };
         g.bench_function(BenchmarkId::new("write_in_then_read_out", &id), |b| {
-            b.iter(|| {
-                mhc::mixing::write_in_into(x.view(), &maps, y.view(), out.view_mut()).unwrap();
-                blocks[1]
-                    .read_out_into(out.view(), &mut m2, u2.view_mut())
-                    .unwrap();
-                black_box(&u2);
-            })
+            b.iter(&mut two_passes)
         });
         g.finish();
+        for (name, sched) in [
+            ("shifted", Schedule::Shifted),
+            ("current", Schedule::Current),
+        ] {
+            let r = common::paired_ratio(PAIRED_ROUNDS, &mut two_passes, &mut seam(sched));
+            paired.push(format!(
+                "| forward seam {name} / two passes, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
+            ));
+        }
+        let r = common::paired_ratio(
+            PAIRED_ROUNDS,
+            &mut seam(Schedule::Current),
+            &mut seam(Schedule::Shifted),
+        );
+        paired.push(format!(
+            "| forward seam shifted / current, paired (median of {PAIRED_ROUNDS}) | | {r:.3} |"
+        ));
 
         // Backward: the chain with the backward seam (`backward_into`) against the same blocks'
         // linked halves one after the other, every buffer reused; and one seam against its two
