@@ -32,9 +32,12 @@ pub fn median_ns(group: &str, function: &str, id: &str) -> Option<f64> {
 /// The median over `rounds` interleaved rounds of `t_b / t_a` (`a` first in even rounds, `b` in
 /// odd ones), so that the machine's load drifts alike for both: the ratio of two close variants
 /// on a noisy machine, where separate criterion runs a minute apart differ by more than the
-/// variants do.
+/// variants do. Each runs once first, untimed, so that first-touch page faults of fresh buffers
+/// and lazily sized workspaces fall in no round.
 #[allow(dead_code)] // not every bench pairs variants
 pub fn paired_ratio(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> f64 {
+    a();
+    b();
     let time = |f: &mut dyn FnMut()| {
         let s = std::time::Instant::now();
         f();
