@@ -531,15 +531,19 @@ fn plot_gains(path: &str, runs: &[Run]) -> Result<(), Box<dyn std::error::Error>
             .enumerate()
             .map(|(l, g)| (l as f64, g.1))
             .collect();
-        let fwd_pts = fwd.clone();
         chart
-            .draw_series(LineSeries::new(fwd, c.stroke_width(2)))?
+            .draw_series(LineSeries::new(fwd.iter().copied(), c.stroke_width(2)))?
             .label(format!("{} (seed {})", r.variant.name(), r.seed))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
-        chart.draw_series(DashedLineSeries::new(bwd.clone(), 6, 4, c.stroke_width(1)))?;
+        chart.draw_series(DashedLineSeries::new(
+            bwd.iter().copied(),
+            6,
+            4,
+            c.stroke_width(1),
+        ))?;
         // mHC's two schedules both stay near 1: a marker per point tells them apart where the
         // lines coincide (triangles for the shifted schedule, circles for the others).
-        let pts = fwd_pts.iter().chain(&bwd).copied();
+        let pts = fwd.iter().chain(&bwd).copied();
         if r.variant == Variant::MhcShifted {
             chart.draw_series(pts.map(|p| TriangleMarker::new(p, 5, c.filled())))?;
         } else {
